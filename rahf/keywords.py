@@ -1,0 +1,114 @@
+"""Prompt words as the RichHF-18K release splits them, and the ` 0`-marked keyword sequence codec."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# The official matcher splits on these characters and on spaces (REFERENCE.md); we treat any whitespace as a space.
+_SPLIT_RE = re.compile(r"[,.?!\":;\s]+")
+
+MARKER = "0"
+# A prompt word equal to the marker is written escaped in the target so that decoding is unambiguous:
+# "a 0 0 b" could otherwise mean "a" is misaligned or the word "0" is.
+ESCAPED_MARKER = "[0]"
+
+
+def split_prompt_words(prompt: str) -> list[str]:
+    """Splits `prompt` on `,.?!":;` and whitespace, dropping empty pieces, as the RichHF-18K release does."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")
+    return [w for w in _SPLIT_RE.split(prompt) if w]
+
+
+def _escape(word: str) -> str:
+    return ESCAPED_MARKER if word == MARKER else word
+
+
+def encode_keyword_target(words: Sequence[str], labels: Sequence[int]) -> str:
+    """(prompt words, labels) -> the target text, with ` 0` after each misaligned word (label 0).
+
+    Labels follow RichHF-18K: 1 aligned, 0 misaligned.
+
+    Examples:
+        >>> encode_keyword_target(["a", "red", "cat"], [1, 0, 1])
+        'a red 0 cat'
+    """
+    if len(words) != len(labels):
+        raise ValueError(
+            f"`labels` must have one entry per prompt word: got {len(words)} words and {len(labels)} labels"
+        )
+    pieces = []
+    for word, label in zip(words, labels):
+        if int(label) not in (0, 1):
+            raise ValueError(f"word labels must be 0 (misaligned) or 1 (aligned), got {label!r} for word {word!r}")
+        pieces.append(_escape(word))
+        if int(label) == 0:
+            pieces.append(MARKER)
+    return " ".join(pieces)
+
+
+def _norm(token: str) -> str:
+    return token.casefold()
+
+
+def decode_keyword_indices(generated: str, words: Sequence[str]) -> list[int]:
+    """Generated text -> sorted indices of the misaligned words in `words` (the original prompt's words).
+
+    The generation is aligned to the prompt words with an edit-distance alignment, so that a model that drops,
+    repeats or misspells words still marks the right ones; a `0` that follows a word marks it. The escaped form
+    `[0]` (and, from a model that forgot the escape, a bare `0` where the prompt has one) aligns to a prompt word `0`.
+    """
+    gen = split_prompt_words(generated)
+    n, m = len(words), len(gen)
+    targets = [_norm(w) for w in words]
+    inf = float("inf")
+    # cost[i][j]: cheapest alignment of words[:i] with gen[:j]; back[i][j]: the move that got there.
+    cost = [[inf] * (m + 1) for _ in range(n + 1)]
+    back: list[list[tuple[str, int, int] | None]] = [[None] * (m + 1) for _ in range(n + 1)]
+    cost[0][0] = 0.0
+
+    def relax(i: int, j: int, c: float, move: tuple[str, int, int]) -> None:
+        # Strict `<` keeps the first move found, and moves are tried in a fixed order: deterministic.
+        if c < cost[i][j]:
+            cost[i][j] = c
+            back[i][j] = move
+
+    for i in range(n + 1):
+        for j in range(m + 1):
+            c = cost[i][j]
+            if c == inf:
+                continue
+            if i < n and j < m:
+                g = _norm(gen[j])
+                same = g == targets[i] or (words[i] == MARKER and g in (ESCAPED_MARKER, MARKER))
+                # A `0` is a marker, never a misspelling of another word: substituting it costs as much as
+                # dropping it and the word.
+                sub = 2.0 if gen[j] == MARKER else 1.0
+                relax(i + 1, j + 1, c + (0.0 if same else sub), ("match", i, j))
+            if j < m and i > 0 and gen[j] == MARKER:
+                # A marker after the word last consumed. Slightly cheaper than zero so that, between equal
+                # alignments, one that reads a `0` as a marker of an already placed word is not preferred over
+                # one that reads it as the prompt's own word `0`.
+                relax(i, j + 1, c + 1e-6, ("mark", i - 1, j))
+            if j < m:
+                relax(i, j + 1, c + 1.0, ("insert", i, j))
+            if i < n:
+                relax(i + 1, j, c + 1.0, ("delete", i, j))
+
+    marked: set[int] = set()
+    i, j = n, m
+    while (i, j) != (0, 0):
+        move = back[i][j]
+        assert move is not None, "alignment backtrack lost its path"
+        kind, a, b = move
+        if kind == "mark":
+            marked.add(a)
+            j = b
+        elif kind == "match":
+            i, j = a, b
+        elif kind == "insert":
+            j = b
+        else:
+            i = a
+    return sorted(marked)
