@@ -63,52 +63,47 @@ def decode_keyword_indices(generated: str, words: Sequence[str]) -> list[int]:
     n, m = len(words), len(gen)
     targets = [_norm(w) for w in words]
     inf = float("inf")
-    # cost[i][j]: cheapest alignment of words[:i] with gen[:j]; back[i][j]: the move that got there.
-    cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    back: list[list[tuple[str, int, int] | None]] = [[None] * (m + 1) for _ in range(n + 1)]
-    cost[0][0] = 0.0
+    # cost[i][j][s]: cheapest alignment of words[:i] with gen[:j]; s = 1 when word i-1 was matched (not dropped),
+    # the only case where a following `0` may mark it. back[...] holds the move that got there.
+    cost = [[[inf, inf] for _ in range(m + 1)] for _ in range(n + 1)]
+    back: list[list[list[tuple | None]]] = [[[None, None] for _ in range(m + 1)] for _ in range(n + 1)]
+    cost[0][0][0] = 0.0
 
-    def relax(i: int, j: int, c: float, move: tuple[str, int, int]) -> None:
+    def relax(i: int, j: int, s: int, c: float, move: tuple) -> None:
         # Strict `<` keeps the first move found, and moves are tried in a fixed order: deterministic.
-        if c < cost[i][j]:
-            cost[i][j] = c
-            back[i][j] = move
+        if c < cost[i][j][s]:
+            cost[i][j][s] = c
+            back[i][j][s] = move
 
     for i in range(n + 1):
         for j in range(m + 1):
-            c = cost[i][j]
-            if c == inf:
-                continue
-            if i < n and j < m:
-                g = _norm(gen[j])
-                same = g == targets[i] or (words[i] == MARKER and g in (ESCAPED_MARKER, MARKER))
-                # A `0` is a marker, never a misspelling of another word: substituting it costs as much as
-                # dropping it and the word.
-                sub = 2.0 if gen[j] == MARKER else 1.0
-                relax(i + 1, j + 1, c + (0.0 if same else sub), ("match", i, j))
-            if j < m and i > 0 and gen[j] == MARKER:
-                # A marker after the word last consumed. Slightly cheaper than zero so that, between equal
-                # alignments, one that reads a `0` as a marker of an already placed word is not preferred over
-                # one that reads it as the prompt's own word `0`.
-                relax(i, j + 1, c + 1e-6, ("mark", i - 1, j))
-            if j < m:
-                relax(i, j + 1, c + 1.0, ("insert", i, j))
-            if i < n:
-                relax(i + 1, j, c + 1.0, ("delete", i, j))
+            for s in (0, 1):
+                c = cost[i][j][s]
+                if c == inf:
+                    continue
+                if i < n and j < m:
+                    g = _norm(gen[j])
+                    same = g == targets[i] or (words[i] == MARKER and g in (ESCAPED_MARKER, MARKER))
+                    # A `0` is a marker, never a misspelling of another word: substituting it costs as much as
+                    # dropping it and the word.
+                    sub = 2.0 if gen[j] == MARKER else 1.0
+                    relax(i + 1, j + 1, 1, c + (0.0 if same else sub), ("match", i, j, s))
+                if j < m and s == 1 and gen[j] == MARKER:
+                    # Slightly above zero so that, between equal alignments, reading a `0` as the prompt's own word
+                    # `0` wins over reading it as a marker.
+                    relax(i, j + 1, s, c + 1e-6, ("mark", i, j, s))
+                if j < m:
+                    relax(i, j + 1, s, c + 1.0, ("insert", i, j, s))
+                if i < n:
+                    relax(i + 1, j, 0, c + 1.0, ("delete", i, j, s))
 
     marked: set[int] = set()
     i, j = n, m
+    s = 0 if cost[n][m][0] <= cost[n][m][1] else 1
     while (i, j) != (0, 0):
-        move = back[i][j]
+        move = back[i][j][s]
         assert move is not None, "alignment backtrack lost its path"
-        kind, a, b = move
+        kind, i, j, s = move
         if kind == "mark":
-            marked.add(a)
-            j = b
-        elif kind == "match":
-            i, j = a, b
-        elif kind == "insert":
-            j = b
-        else:
-            i = a
+            marked.add(i - 1)
     return sorted(marked)
