@@ -84,10 +84,9 @@ def decode_keyword_indices(generated: str, words: Sequence[str]) -> list[int]:
                 if i < n and j < m:
                     g = _norm(gen[j])
                     same = g == targets[i] or (words[i] == MARKER and g in (ESCAPED_MARKER, MARKER))
-                    # A `0` is a marker, never a misspelling of another word: substituting it costs as much as
-                    # dropping it and the word.
-                    sub = 2.0 if gen[j] == MARKER else 1.0
-                    relax(i + 1, j + 1, 1, c + (0.0 if same else sub), ("match", i, j, s))
+                    # A `0` is a marker, never a misspelling of another word.
+                    if same or gen[j] != MARKER:
+                        relax(i + 1, j + 1, 1, c + (0.0 if same else 1.0), ("match", i, j, s))
                 if j < m and s == 1 and gen[j] == MARKER:
                     # Slightly above zero so that, between equal alignments, reading a `0` as the prompt's own word
                     # `0` wins over reading it as a marker.

@@ -1,0 +1,168 @@
+"""The `rahf` command line: the front door to every job (each also reachable as a Python module)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("rahf")
+
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+EXAMPLE_PROMPT = "a red circle above a blue square on a wooden table"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# init-model
+
+
+def init_model(config_path: str, out: str, seed: int = 0) -> Path:
+    """Writes an untrained model + processor from a `configs/model/*.json` preset (pretrained towers if it names
+    them)."""
+    import torch
+
+    from .configuration_rahf import RAHFConfig
+    from .modeling_rahf import RAHFModel
+    from .processing_rahf import RAHFProcessor
+
+    config = RAHFConfig.from_json_file(config_path)
+    torch.manual_seed(seed)
+    if config.vision_model_name_or_path or config.text_model_name_or_path:
+        model = RAHFModel.from_pretrained_towers(config)
+    else:
+        model = RAHFModel(config)
+    processor = RAHFProcessor.from_config(model.config)
+    out_dir = Path(out)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    logger.info("wrote an untrained %s RAHF model to %s", config.variant, out_dir)
+    return out_dir
+
+
+def _cmd_init_model(args: argparse.Namespace) -> int:
+    init_model(args.config, args.out, seed=args.seed)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# predict
+
+
+def predict_to_folder(
+    model: str, images: list[str], prompts: list[str], out: str, device: str | None = None, batch_size: int = 8
+) -> list[dict]:
+    """Runs the predictor and writes, per image, `feedback.json`, the two heatmap PNGs and `overlay.png`."""
+    from .predictor import RichFeedbackPredictor
+    from .processing_rahf import load_image
+    from .viz import heatmap_to_image, overlay_heatmaps
+
+    if len(prompts) not in (1, len(images)):
+        raise ValueError(
+            f"got {len(images)} images and {len(prompts)} --prompt values: give one prompt for all images, or one "
+            "per image"
+        )
+    stems = [Path(p).stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"--image names must have distinct stems (each gets a folder OUT/<stem>/), got {stems}")
+    loaded = [load_image(p) for p in images]  # fails early, naming the file that is not an image
+    predictor = RichFeedbackPredictor.from_pretrained(model, device=device, batch_size=batch_size)
+    feedbacks = predictor(loaded, prompts, show_progress=len(images) > batch_size)
+    summaries = []
+    for stem, image, feedback in zip(stems, loaded, feedbacks):
+        folder = Path(out) / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        summary = feedback.to_dict()
+        (folder / "feedback.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for name, heat in feedback.heatmaps.items():
+            heatmap_to_image(heat).save(folder / f"{name}.png")
+        overlay_heatmaps(image, feedback.heatmaps).save(folder / "overlay.png")
+        summaries.append(summary)
+    logger.info("wrote feedback on %d image(s) to %s", len(images), out)
+    return summaries
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    summaries = predict_to_folder(args.model, args.image, args.prompt, args.out, args.device, args.batch_size)
+    for image, summary in zip(args.image, summaries):
+        scores = " ".join(f"{k}={v:.3f}" for k, v in summary["scores"].items())
+        print(f"{image}: {scores} misaligned={summary['misaligned_words']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rahf", description="Rich Automatic Human Feedback for text-to-image generation"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init-model", help="write an untrained model + processor from a config preset")
+    p.add_argument("--config", required=True, help="a configs/model/*.json preset")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_init_model)
+
+    p = sub.add_parser("predict", help="scores, heatmaps and misaligned words for images")
+    p.add_argument("--model", required=True, help="folder written by save_pretrained (model + processor)")
+    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument(
+        "--prompt", required=True, action="append", help="the prompt; once for all images or once per image"
+    )
+    p.add_argument("--out", required=True, help="output folder: one OUT/<image stem>/ per image")
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("data", help="data sets: synth, convert-richhf, consolidate, stats", add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("demo", help="the whole loop on the embedded synthetic set, with a visual report")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--quick", action="store_true", help="a smaller budget (for smoke tests)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # `rahf data ...` belongs to rahf.data.cli, which has its own subcommands and flags.
+    rest = [a for a in argv if a not in ("-v", "--verbose")]
+    if rest and rest[0] == "data":
+        from .data.cli import main as data_main
+
+        return data_main(rest[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as err:
+        # User mistakes: one clear line, no traceback (use -v for the traceback).
+        if verbose:
+            raise
+        print(f"rahf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

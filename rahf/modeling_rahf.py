@@ -1,0 +1,440 @@
+"""`RAHFModel`: the Rich Automatic Human Feedback model of Liang et al. (CVPR 2024, Fig. 3).
+
+A vision tower turns the image into tokens; they are projected to the T5 width, concatenated with the prompt's T5
+embeddings and fused by the T5 encoder. The fused image tokens, reshaped to a feature map, feed a heatmap head and a
+score head; the T5 decoder writes the prompt back with ` 0` after each misaligned word.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    CLIPVisionModel,
+    PreTrainedModel,
+    SiglipVisionModel,
+    T5ForConditionalGeneration,
+    ViTModel,
+)
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput, logging
+
+from .configuration_rahf import KEYWORDS_TASK, RAHFConfig
+
+logger = logging.get_logger(__name__)
+
+# Heatmaps are mostly empty; starting the heatmap logits here (sigmoid ~ 0.018) saves the first steps of training
+# from learning "predict zero".
+_HEATMAP_BIAS_INIT = -4.0
+
+
+def _build_vision_tower(config) -> nn.Module:
+    if config.model_type == "vit":
+        return ViTModel(config, add_pooling_layer=False)
+    if config.model_type == "siglip_vision_model":
+        return SiglipVisionModel(config)
+    if config.model_type == "clip_vision_model":
+        return CLIPVisionModel(config)
+    raise ValueError(f"unsupported vision tower model_type {config.model_type!r}")
+
+
+@dataclass
+class RAHFOutput(ModelOutput):
+    """
+    Output of [`RAHFModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted sum of the heatmap MSE, score MSE and sequence cross-entropy, when labels are given.
+        heatmaps (`torch.FloatTensor` of shape `(batch_size, num_heatmaps, heatmap_size, heatmap_size)`, *optional*):
+            Predicted heatmaps in [0, 1], in `config.heatmap_names` order. In the augmented-prompt variant, heatmaps
+            of tasks not requested are NaN.
+        scores (`torch.FloatTensor` of shape `(batch_size, num_scores)`, *optional*):
+            Predicted scores in [0, 1], in `config.score_names` order (NaN where not requested).
+        sequence_logits (`torch.FloatTensor` of shape `(num_keyword_rows, target_length, vocab_size)`, *optional*):
+            Decoder logits of the keyword sequence (teacher forcing), one row per image.
+        heatmap_loss (`torch.FloatTensor` of shape `()`, *optional*): per-pixel heatmap MSE.
+        score_loss (`torch.FloatTensor` of shape `()`, *optional*): score MSE.
+        sequence_loss (`torch.FloatTensor` of shape `()`, *optional*): token cross-entropy of the keyword sequence.
+    """
+
+    loss: torch.FloatTensor | None = None
+    heatmaps: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    sequence_logits: torch.FloatTensor | None = None
+    heatmap_loss: torch.FloatTensor | None = None
+    score_loss: torch.FloatTensor | None = None
+    sequence_loss: torch.FloatTensor | None = None
+
+
+class RAHFHeatmapHead(nn.Module):
+    """Feature map -> conv -> transposed convs (x2 each) -> 1x1 conv -> sigmoid, resized to `heatmap_size`."""
+
+    def __init__(self, in_channels: int, channels: int, grid: int, heatmap_size: int, out_channels: int):
+        super().__init__()
+        self.heatmap_size = heatmap_size
+        num_up = max(0, math.ceil(math.log2(heatmap_size / grid))) if heatmap_size > grid else 0
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU()]
+        c = channels
+        for _ in range(num_up):
+            c_out = max(c // 2, 8)
+            layers += [nn.ConvTranspose2d(c, c_out, 4, stride=2, padding=1), nn.ReLU()]
+            c = c_out
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c, out_channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.out(self.body(features))  # (B, C, H', W')
+        if logits.shape[-1] != self.heatmap_size:
+            logits = F.interpolate(logits, size=(self.heatmap_size,) * 2, mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits)
+
+
+class RAHFScoreHead(nn.Module):
+    """Feature map -> 3x3 convs -> global average pool -> MLP -> sigmoid."""
+
+    def __init__(self, in_channels: int, channels: int, num_convs: int, hidden_size: int, num_scores: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU()]
+            c = channels
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(c, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_scores))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = self.convs(features).mean(dim=(2, 3))  # (B, C)
+        return torch.sigmoid(self.mlp(pooled))
+
+
+class RAHFPreTrainedModel(PreTrainedModel):
+    config_class = RAHFConfig
+    base_model_prefix = "rahf"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["T5Block", "ViTLayer", "SiglipEncoderLayer", "CLIPEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own layers: the towers initialise themselves (or come pretrained).
+        if not getattr(module, "_rahf_own", False):
+            return
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if getattr(module, "_rahf_heatmap_out", False):
+            nn.init.constant_(module.bias, _HEATMAP_BIAS_INIT)
+
+
+class RAHFModel(RAHFPreTrainedModel):
+    r"""
+    The RAHF model: predicts scores, heatmaps and the misaligned prompt words of a generated image.
+
+    Examples:
+
+    ```python
+    >>> from rahf import RAHFConfig, RAHFModel, RAHFProcessor
+    >>> from PIL import Image
+
+    >>> config = RAHFConfig.from_json_file("configs/model/tiny.json")
+    >>> model, processor = RAHFModel(config), RAHFProcessor.from_config(config)
+    >>> inputs = processor(images=[Image.new("RGB", (64, 64))], text=["a red circle"], return_tensors="pt")
+    >>> out = model(**inputs)
+    >>> out.heatmaps.shape, out.scores.shape
+    (torch.Size([1, 2, 32, 32]), torch.Size([1, 4]))
+    ```
+    """
+
+    def __init__(self, config: RAHFConfig, vision_model: nn.Module | None = None, text_model: nn.Module | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else _build_vision_tower(config.vision_config)
+        self.text_model = (
+            text_model if text_model is not None else T5ForConditionalGeneration(config.text_config)
+        )
+        d_model = config.text_config.d_model
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, d_model)
+        multi = config.variant == "multi_head"
+        self.heatmap_head = RAHFHeatmapHead(
+            d_model,
+            config.heatmap_head_channels,
+            config.patch_grid,
+            config.heatmap_size,
+            len(config.heatmap_names) if multi else 1,
+        )
+        self.score_head = RAHFScoreHead(
+            d_model,
+            config.score_head_channels,
+            config.score_head_num_convs,
+            config.score_head_hidden_size,
+            len(config.score_names) if multi else 1,
+        )
+        for head in (self.visual_projection, self.heatmap_head, self.score_head):
+            for m in head.modules():
+                m._rahf_own = True
+        self.heatmap_head.out._rahf_heatmap_out = True
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Building from pretrained towers
+
+    @classmethod
+    def from_pretrained_towers(
+        cls,
+        config: RAHFConfig,
+        vision_model_name_or_path: str | None = None,
+        text_model_name_or_path: str | None = None,
+        **kwargs,
+    ) -> RAHFModel:
+        """Builds RAHF with pretrained towers (hub ids or local folders) and freshly initialised heads.
+
+        `config.vision_config` / `config.text_config` are replaced by the towers' own configurations. Paths default
+        to `config.vision_model_name_or_path` / `config.text_model_name_or_path`; a tower with no path is random.
+        `kwargs` (e.g. `revision`, `dtype`) go to each tower's `from_pretrained`.
+        """
+        vision_path = vision_model_name_or_path or config.vision_model_name_or_path
+        text_path = text_model_name_or_path or config.text_model_name_or_path
+        config = config.__class__.from_dict(config.to_dict())  # never mutate the caller's config
+        vision_model = text_model = None
+        if vision_path:
+            tower_config = AutoConfig.from_pretrained(vision_path, **kwargs)
+            model_type = tower_config.model_type
+            if model_type in ("siglip", "clip"):  # a full dual-encoder checkpoint: take its vision half
+                tower_config = tower_config.vision_config
+            tower_cls = {
+                "vit": ViTModel,
+                "siglip_vision_model": SiglipVisionModel,
+                "clip_vision_model": CLIPVisionModel,
+            }.get(tower_config.model_type)
+            if tower_cls is None:
+                raise ValueError(
+                    f"`vision_model_name_or_path`={vision_path!r} is a {model_type!r} model; RAHF takes a ViT, "
+                    "SigLIP or CLIP vision tower"
+                )
+            extra = {"add_pooling_layer": False} if tower_cls is ViTModel else {}
+            vision_model = tower_cls.from_pretrained(vision_path, **extra, **kwargs)
+            config.vision_config = vision_model.config
+            config.vision_model_name_or_path = str(vision_path)
+        if text_path:
+            text_model = T5ForConditionalGeneration.from_pretrained(text_path, **kwargs)
+            config.text_config = text_model.config
+            config.text_model_name_or_path = str(text_path)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The three stages of Fig. 3
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, N, d_model) projected patch tokens (the class token, if any, dropped)."""
+        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, T, D_v)
+        grid = self.config.patch_grid
+        hidden = hidden[:, -grid * grid :]  # ViT and CLIP put a class token first
+        return self.visual_projection(hidden)  # (B, N, d_model)
+
+    def fuse(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (R, N, d) and prompt ids (R, L) -> fused tokens (R, N + L, d) and their mask (R, N + L)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_embeds = self.text_model.get_input_embeddings()(input_ids)  # (R, L, d)
+        inputs_embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # (R, N + L, d)
+        image_mask = attention_mask.new_ones(image_embeds.shape[:2])
+        mask = torch.cat([image_mask, attention_mask], dim=1)  # (R, N + L)
+        fused = self.text_model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        return fused, mask
+
+    def _feature_map(self, fused: torch.Tensor) -> torch.Tensor:
+        grid = self.config.patch_grid
+        image_tokens = fused[:, : grid * grid]  # (R, N, d)
+        return image_tokens.transpose(1, 2).reshape(fused.shape[0], -1, grid, grid)  # (R, d, g, g)
+
+    def _decoder_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if self.config.decoder_attends_to == "text":
+            mask = mask.clone()
+            mask[:, : self.config.patch_grid**2] = 0
+        return mask
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        heatmap_labels: torch.Tensor | None = None,
+        score_labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> RAHFOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+                Images from [`RAHFProcessor`]. Not needed when `image_embeds` is given.
+            input_ids (`torch.LongTensor` of shape `(num_rows, text_length)`):
+                Prompt token ids: one row per image (multi-head), or one row per (image, task) (augmented prompt).
+            attention_mask (`torch.LongTensor` of shape `(num_rows, text_length)`, *optional*):
+                1 for real tokens, 0 for padding.
+            task_ids (`torch.LongTensor` of shape `(num_rows,)`, *optional*):
+                Augmented-prompt variant: index of each row's task in `config.task_names`.
+            image_index (`torch.LongTensor` of shape `(num_rows,)`, *optional*):
+                Which image each row belongs to; defaults to `num_rows // batch_size` consecutive rows per image.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, num_patches, d_model)`, *optional*):
+                Output of [`~RAHFModel.get_image_features`], to reuse the vision tower's work.
+            heatmap_labels (`torch.FloatTensor` of shape `(batch_size, num_heatmaps, heatmap_size, heatmap_size)`, *optional*):
+                Target heatmaps in [0, 1].
+            score_labels (`torch.FloatTensor` of shape `(batch_size, num_scores)`, *optional*):
+                Target scores in [0, 1].
+            labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+                Token ids of the ` 0`-marked keyword sequence, -100 on padding.
+            decoder_input_ids (`torch.LongTensor` of shape `(num_keyword_rows, target_length)`, *optional*):
+                Decoder inputs, when not derived from `labels`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cfg = self.config
+        if input_ids is None:
+            raise ValueError("`input_ids` is required: tokenize the prompts with RAHFProcessor")
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("pass either `pixel_values` or `image_embeds`")
+            image_embeds = self.get_image_features(pixel_values)  # (B, N, d)
+        batch_size, num_rows = image_embeds.shape[0], input_ids.shape[0]
+        if image_index is None:
+            if num_rows % batch_size:
+                raise ValueError(
+                    f"{num_rows} prompt rows for {batch_size} images: pass `image_index` to say which image each "
+                    "row belongs to"
+                )
+            image_index = torch.arange(batch_size, device=input_ids.device).repeat_interleave(num_rows // batch_size)
+        multi = cfg.variant == "multi_head"
+        if not multi and task_ids is None:
+            raise ValueError("the augmented-prompt variant needs `task_ids` (RAHFProcessor returns them)")
+
+        fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)  # (R, N + L, d)
+        feature_map = self._feature_map(fused)  # (R, d, g, g)
+        num_h, num_s = len(cfg.heatmap_names), len(cfg.score_names)
+        size = cfg.heatmap_size
+
+        if multi:
+            rows_h = rows_s = rows_k = torch.arange(num_rows, device=fused.device)
+            heatmaps = self.heatmap_head(feature_map)  # (R, num_h, S, S)
+            scores = self.score_head(feature_map)  # (R, num_s)
+            if num_rows != batch_size:  # several prompts per image (unusual): the last row of each image wins
+                heatmaps = heatmaps.new_zeros(batch_size, num_h, size, size).index_copy(0, image_index, heatmaps)
+                scores = scores.new_zeros(batch_size, num_s).index_copy(0, image_index, scores)
+        else:
+            task_ids = task_ids.to(fused.device)
+            rows_h = torch.nonzero(task_ids < num_h).flatten()
+            rows_s = torch.nonzero((task_ids >= num_h) & (task_ids < num_h + num_s)).flatten()
+            rows_k = torch.nonzero(task_ids == cfg.task_names.index(KEYWORDS_TASK)).flatten()
+            heatmaps = fused.new_full((batch_size, num_h, size, size), float("nan"))
+            scores = fused.new_full((batch_size, num_s), float("nan"))
+            if len(rows_h):
+                pred = self.heatmap_head(feature_map[rows_h])[:, 0]  # (R_h, S, S)
+                heatmaps = heatmaps.index_put((image_index[rows_h], task_ids[rows_h]), pred)
+            if len(rows_s):
+                pred = self.score_head(feature_map[rows_s])[:, 0]  # (R_s,)
+                scores = scores.index_put((image_index[rows_s], task_ids[rows_s] - num_h), pred)
+
+        # Keyword sequence (teacher forcing), only when asked for: inference uses `generate_keywords`.
+        sequence_logits = None
+        keyword_labels = None
+        if (labels is not None or decoder_input_ids is not None) and len(rows_k):
+            keyword_labels = labels[image_index[rows_k]] if labels is not None else None
+            dec = self.text_model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=fused[rows_k]),
+                attention_mask=self._decoder_mask(mask[rows_k]),
+                labels=keyword_labels,
+                decoder_input_ids=decoder_input_ids,
+            )
+            sequence_logits = dec.logits  # (R_k, T, V)
+
+        loss = heatmap_loss = score_loss = sequence_loss = None
+        terms = []
+        if heatmap_labels is not None:
+            heatmap_labels = heatmap_labels.to(heatmaps.dtype)
+            if heatmap_labels.shape != heatmaps.shape:
+                raise ValueError(
+                    f"`heatmap_labels` must have shape {tuple(heatmaps.shape)} (batch, heatmaps, size, size), "
+                    f"got {tuple(heatmap_labels.shape)}"
+                )
+            known = ~torch.isnan(heatmaps)
+            if known.any():
+                heatmap_loss = F.mse_loss(heatmaps[known], heatmap_labels[known])
+                terms.append(cfg.heatmap_loss_weight * heatmap_loss)
+        if score_labels is not None:
+            score_labels = score_labels.to(scores.dtype)
+            if score_labels.shape != scores.shape:
+                raise ValueError(
+                    f"`score_labels` must have shape {tuple(scores.shape)}, got {tuple(score_labels.shape)}"
+                )
+            known = ~torch.isnan(scores)
+            if known.any():
+                score_loss = F.mse_loss(scores[known], score_labels[known])
+                terms.append(cfg.score_loss_weight * score_loss)
+        if keyword_labels is not None and sequence_logits is not None:
+            sequence_loss = F.cross_entropy(
+                sequence_logits.flatten(0, 1).float(), keyword_labels.flatten().to(sequence_logits.device),
+                ignore_index=-100,
+            )
+            terms.append(cfg.sequence_loss_weight * sequence_loss)
+        if terms:
+            loss = torch.stack(terms).sum()
+
+        out = RAHFOutput(
+            loss=loss,
+            heatmaps=heatmaps,
+            scores=scores,
+            sequence_logits=sequence_logits,
+            heatmap_loss=heatmap_loss,
+            score_loss=score_loss,
+            sequence_loss=sequence_loss,
+        )
+        return out if return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def generate_keywords(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Greedy-decodes the ` 0`-marked keyword sequence for each row of `input_ids` -> (R, T) token ids.
+
+        In the augmented-prompt variant the rows must carry the keywords task string (RAHFProcessor does this).
+        """
+        if image_embeds is None:
+            image_embeds = self.get_image_features(pixel_values)
+        if image_index is None:
+            image_index = torch.arange(image_embeds.shape[0], device=input_ids.device)
+        fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("num_beams", 1)
+        return self.text_model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=fused),
+            attention_mask=self._decoder_mask(mask),
+            max_new_tokens=max_new_tokens or self.config.max_target_length,
+            **generate_kwargs,
+        )
+
+
+__all__ = ["RAHFModel", "RAHFOutput", "RAHFPreTrainedModel"]

@@ -1,0 +1,197 @@
+"""`RichFeedbackPredictor`: one-call inference: images + prompts -> scores, heatmaps and misaligned words."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .configuration_rahf import KEYWORDS_TASK
+from .keywords import split_prompt_words
+from .modeling_rahf import RAHFModel
+from .processing_rahf import ImageInput, RAHFProcessor, load_image
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_GROUPS = ("scores", "heatmaps", "keywords")
+
+
+@dataclass
+class RichFeedback:
+    """Rich feedback on one image.
+
+    Attributes:
+        prompt: the prompt the image was rated against.
+        scores: score name -> value in [0, 1] (higher is better).
+        heatmaps: heatmap name -> float32 (H, W) array in [0, 1] at the input image's size.
+        misaligned_words: the prompt words the model marks as not shown in the image.
+        misaligned_word_indices: their indices in `rahf.split_prompt_words(prompt)`.
+    """
+
+    prompt: str
+    scores: dict[str, float] = field(default_factory=dict)
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    misaligned_words: list[str] = field(default_factory=list)
+    misaligned_word_indices: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (heatmaps left out: they are pictures)."""
+        return {
+            "prompt": self.prompt,
+            "scores": {k: float(v) for k, v in self.scores.items()},
+            "misaligned_words": list(self.misaligned_words),
+            "misaligned_word_indices": list(self.misaligned_word_indices),
+        }
+
+
+class RichFeedbackPredictor:
+    r"""
+    Runs a trained RAHF model on images of any size: scores, heatmaps (at each image's own size) and misaligned words.
+
+    The vision tower runs once per image however many outputs are asked for; in the augmented-prompt variant the
+    task prompts of a batch go through the T5 encoder together.
+
+    Examples:
+
+    ```python
+    >>> from rahf import RichFeedbackPredictor
+    >>> predictor = RichFeedbackPredictor.from_pretrained("demo-output/models/rahf_multi_head")
+    >>> [feedback] = predictor(["cat.png"], ["a cat on a wooden table"])
+    >>> feedback.scores["plausibility"], feedback.heatmaps["implausibility"].shape, feedback.misaligned_words
+    ```
+    """
+
+    def __init__(
+        self,
+        model: RAHFModel,
+        processor: RAHFProcessor,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+        max_new_tokens: int | None = None,
+    ):
+        self.model = model.eval()
+        self.processor = processor
+        if device is not None:
+            self.model.to(device)
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> RichFeedbackPredictor:
+        """Loads the model (safetensors) and its processor from a folder written by `save_pretrained`."""
+        model = RAHFModel.from_pretrained(pretrained_path, dtype=dtype) if dtype else RAHFModel.from_pretrained(pretrained_path)
+        processor = RAHFProcessor.from_pretrained(pretrained_path)
+        return cls(model, processor, device=device, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _resolve_outputs(self, outputs: Iterable[str] | None) -> list[str]:
+        cfg = self.model.config
+        if outputs is None:
+            return list(cfg.task_names)
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        tasks: list[str] = []
+        for name in outputs:
+            if name == "scores":
+                tasks += cfg.score_names
+            elif name == "heatmaps":
+                tasks += cfg.heatmap_names
+            elif name in cfg.task_names:
+                tasks.append(name)
+            else:
+                raise ValueError(
+                    f"unknown output {name!r}; ask for any of {list(OUTPUT_GROUPS)} or of the tasks {cfg.task_names}"
+                )
+        return [t for t in cfg.task_names if t in set(tasks)]  # model order, no duplicates
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        prompts: Sequence[str] | str,
+        outputs: Iterable[str] | None = None,
+        show_progress: bool = False,
+    ) -> list[RichFeedback]:
+        """Rates `images` against `prompts` (one prompt per image, or one for all).
+
+        Args:
+            outputs: which outputs to compute: any of `"scores"`, `"heatmaps"`, `"keywords"` or task names such as
+                `"plausibility"`; all by default.
+        """
+        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        prompts = list(prompts)
+        if len(prompts) == 1 and len(images) > 1:
+            prompts = prompts * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: pass one prompt, or one per image")
+        tasks = self._resolve_outputs(outputs)
+        results: list[RichFeedback] = []
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc="RAHF", disable=not show_progress):
+            batch_images = [load_image(im) for im in images[start : start + self.batch_size]]
+            results += self._predict_batch(batch_images, prompts[start : start + self.batch_size], tasks)
+        return results
+
+    def _predict_batch(self, images: list[Image.Image], prompts: list[str], tasks: list[str]) -> list[RichFeedback]:
+        cfg = self.model.config
+        device = self.device
+        dtype = next(self.model.parameters()).dtype
+        pixel_values = self.processor.preprocess_images(images).to(device, dtype)
+        image_embeds = self.model.get_image_features(pixel_values)  # (B, N, d): the only vision-tower call
+
+        results = [RichFeedback(prompt=p) for p in prompts]
+        dense_tasks = [t for t in tasks if t != KEYWORDS_TASK]
+        if dense_tasks:
+            enc = self.processor.encode_prompts(prompts, tasks=dense_tasks)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            out = self.model(image_embeds=image_embeds, **enc)
+            heatmaps = out.heatmaps.float()  # (B, H, S, S)
+            scores = out.scores.float().cpu().numpy()  # (B, num_scores)
+            for i, (feedback, image) in enumerate(zip(results, images)):
+                for j, name in enumerate(cfg.score_names):
+                    if name in dense_tasks:
+                        feedback.scores[name] = float(scores[i, j])
+                for j, name in enumerate(cfg.heatmap_names):
+                    if name in dense_tasks:
+                        resized = F.interpolate(
+                            heatmaps[i : i + 1, j : j + 1], size=(image.height, image.width), mode="bilinear",
+                            align_corners=False,
+                        )
+                        feedback.heatmaps[name] = resized[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+        if KEYWORDS_TASK in tasks:
+            enc = self.processor.encode_prompts(prompts, tasks=[KEYWORDS_TASK])
+            sequences = self.model.generate_keywords(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                image_embeds=image_embeds,
+                image_index=enc["image_index"].to(device),
+                max_new_tokens=self.max_new_tokens,
+            )
+            for feedback, indices in zip(results, self.processor.decode_keywords(sequences, prompts)):
+                words = split_prompt_words(feedback.prompt)
+                feedback.misaligned_word_indices = indices
+                feedback.misaligned_words = [words[k] for k in indices]
+        return results
+
+
+__all__ = ["RichFeedback", "RichFeedbackPredictor"]

@@ -1,0 +1,367 @@
+"""`RAHFProcessor`: images and prompts to RAHF inputs, augmented prompts, and the keyword-sequence codec."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .configuration_rahf import KEYWORDS_TASK, RAHFConfig
+from .keywords import decode_keyword_indices, encode_keyword_target, split_prompt_words
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_CONFIG_NAME = "rahf_processor_config.json"
+ImageInput = Image.Image | np.ndarray | str | os.PathLike
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A PIL image, array or path -> an RGB PIL image, whatever its mode (RGBA, L, P, I;16, CMYK, ...).
+
+    Transparent pixels are composited on white; 16-bit and 32-bit greyscale are scaled to 8 bits by their range.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as img:
+                img.load()
+                image = img.copy()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"could not read {str(image)!r} as an image ({err}); pass a PNG, JPEG, WebP, ... file") from err
+    elif isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            if arr.dtype.kind == "f" and arr.size and arr.max() <= 1.0:
+                arr = arr * 255.0
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, a numpy array or a path, got {type(image).__name__}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+class RAHFProcessor:
+    r"""
+    Prepares RAHF inputs: resizes and normalises images, tokenizes prompts (with task strings in the augmented-prompt
+    variant), encodes the ` 0`-marked keyword targets and decodes generated sequences back to prompt-word indices.
+
+    Args:
+        tokenizer ([`PreTrainedTokenizerBase`]): T5's tokenizer, or the offline one of [`build_offline_tokenizer`].
+        image_size (`int`): side of the square image the vision tower takes.
+        image_mean (`list[float]`), image_std (`list[float]`): per-channel normalisation.
+        variant (`str`): `"multi_head"` or `"augmented_prompt"`.
+        task_strings (`dict[str, str]`): task -> text prepended to the prompt (augmented prompt).
+        task_names (`list[str]`): the model's tasks in output order (`config.task_names`).
+        max_text_length (`int`), max_target_length (`int`): token limits of prompts and keyword targets.
+
+    Examples:
+
+    ```python
+    >>> from rahf import RAHFConfig, RAHFProcessor
+    >>> processor = RAHFProcessor.from_config(RAHFConfig.from_json_file("configs/model/tiny.json"))
+    >>> processor.keyword_target(["a", "red", "cat"], [1, 0, 1])
+    'a red 0 cat'
+    >>> processor.decode_keywords(["a red 0 cat"], ["a red cat"])
+    [[1]]
+    ```
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_size: int,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        variant: str,
+        task_strings: dict[str, str],
+        task_names: Sequence[str],
+        max_text_length: int = 128,
+        max_target_length: int = 192,
+    ):
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.image_mean = [float(x) for x in image_mean]
+        self.image_std = [float(x) for x in image_std]
+        self.variant = variant
+        self.task_strings = dict(task_strings)
+        self.task_names = list(task_names)
+        self.max_text_length = int(max_text_length)
+        self.max_target_length = int(max_target_length)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Construction, saving, loading
+
+    @classmethod
+    def from_config(cls, config: RAHFConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> RAHFProcessor:
+        """The processor that matches `config`: T5's tokenizer when `text_model_name_or_path` is set, else the
+        offline one sized to the T5 vocabulary; image statistics from the vision tower's preprocessor config."""
+        mean, std = config.image_mean, config.image_std
+        if tokenizer is None:
+            if config.text_model_name_or_path:
+                tokenizer = AutoTokenizer.from_pretrained(config.text_model_name_or_path)
+            else:
+                from .tokenization import build_offline_tokenizer
+
+                tokenizer = build_offline_tokenizer(vocab_size=min(config.text_config.vocab_size, 4096))
+        if len(tokenizer) > config.text_config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but `text_config.vocab_size` is "
+                f"{config.text_config.vocab_size}; raise vocab_size or use a smaller tokenizer"
+            )
+        if config.vision_model_name_or_path:
+            mean, std = _image_stats_of(config.vision_model_name_or_path, mean, std)
+        return cls(
+            tokenizer=tokenizer,
+            image_size=config.image_size,
+            image_mean=mean,
+            image_std=std,
+            variant=config.variant,
+            task_strings=config.task_strings,
+            task_names=config.task_names,
+            max_text_length=config.max_text_length,
+            max_target_length=config.max_target_length,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "processor_class": type(self).__name__,
+            "image_size": self.image_size,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "variant": self.variant,
+            "task_strings": self.task_strings,
+            "task_names": self.task_names,
+            "max_text_length": self.max_text_length,
+            "max_target_length": self.max_target_length,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_path: str | os.PathLike) -> RAHFProcessor:
+        path = Path(pretrained_path)
+        cfg_file = path / PROCESSOR_CONFIG_NAME
+        if not cfg_file.is_file():
+            raise ValueError(
+                f"{str(path)!r} has no {PROCESSOR_CONFIG_NAME}; save the processor with "
+                "`processor.save_pretrained(dir)` (or `rahf init-model`) next to the model"
+            )
+        kwargs = json.loads(cfg_file.read_text())
+        kwargs.pop("processor_class", None)
+        return cls(tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Images
+
+    def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images of any size and mode -> `pixel_values` (B, 3, image_size, image_size), normalised."""
+        arrays = []
+        for image in images:
+            rgb = load_image(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        return (batch - mean) / std
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Prompts
+
+    def _check_prompts(self, text: Sequence[str]) -> list[str]:
+        if isinstance(text, str):
+            text = [text]
+        prompts = list(text)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} must be a str, got {type(prompt).__name__}")
+            if not split_prompt_words(prompt):
+                raise ValueError(f"prompt {i} is empty ({prompt!r}): RAHF rates an image against a non-empty prompt")
+        return prompts
+
+    def task_prompt(self, prompt: str, task: str | None) -> str:
+        """The text the T5 encoder reads: the prompt, prefixed with the task string in the augmented-prompt variant."""
+        if self.variant == "multi_head" or task is None:
+            return prompt
+        if task not in self.task_strings:
+            raise ValueError(f"unknown task {task!r}; the model's tasks are {self.task_names}")
+        return f"{self.task_strings[task]}: {prompt}"
+
+    def kept_word_count(self, prompt: str) -> int:
+        """How many of the prompt's words survive truncation to `max_text_length` tokens (with the longest task
+        string in front, in the augmented-prompt variant), so that word labels stay aligned with what the model
+        reads."""
+        words = split_prompt_words(prompt)
+        prefix = ""
+        if self.variant != "multi_head":
+            prefix = max((self.task_prompt("", t) for t in self.task_names), key=len)
+        enc = self.tokenizer(
+            prefix + prompt, truncation=True, max_length=self.max_text_length, return_offsets_mapping=True
+        )
+        if len(enc["input_ids"]) < self.max_text_length:
+            return len(words)
+        end = max((e for s, e in enc["offset_mapping"] if e > s), default=0) - len(prefix)
+        # Word i survives when its last character was read.
+        count, pos = 0, 0
+        for word in words:
+            pos = prompt.index(word, pos) + len(word)
+            if pos > end:
+                break
+            count += 1
+        return count
+
+    def __call__(
+        self,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        text: Sequence[str] | str | None = None,
+        tasks: Sequence[str] | None = None,
+        keyword_labels: Sequence[Sequence[int]] | None = None,
+        return_tensors: str | None = "pt",
+    ) -> dict[str, torch.Tensor]:
+        """Builds model inputs.
+
+        Args:
+            images: one image per prompt (any size or mode).
+            text: the prompts.
+            tasks: augmented-prompt variant: the tasks to run for each image (default: all of `task_names`); rows
+                are image-major. Ignored by the multi-head variant.
+            keyword_labels: per prompt, one label per prompt word (1 aligned, 0 misaligned): adds `labels`, the
+                tokenized ` 0`-marked target.
+
+        Returns:
+            `pixel_values` (B, 3, H, W), `input_ids` / `attention_mask` (R, L), `image_index` (R,), `task_ids` (R,)
+            in the augmented-prompt variant, and `labels` (B, T) when `keyword_labels` is given.
+        """
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"`return_tensors` must be 'pt', got {return_tensors!r}")
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+                images = [images]
+            out["pixel_values"] = self.preprocess_images(images)
+        if text is not None:
+            prompts = self._check_prompts(text)
+            if images is not None and len(prompts) != len(out["pixel_values"]):
+                raise ValueError(f"got {len(out['pixel_values'])} images and {len(prompts)} prompts: pass one prompt per image")
+            out.update(self.encode_prompts(prompts, tasks))
+            if keyword_labels is not None:
+                out["labels"] = self.encode_keyword_targets(prompts, keyword_labels)
+        return out
+
+    def encode_prompts(self, prompts: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenizes prompts (one row each, or one row per (prompt, task) in the augmented-prompt variant)."""
+        prompts = list(prompts)
+        if self.variant == "multi_head":
+            rows, task_ids, image_index = prompts, None, list(range(len(prompts)))
+        else:
+            tasks = list(tasks) if tasks is not None else list(self.task_names)
+            unknown = [t for t in tasks if t not in self.task_names]
+            if unknown:
+                raise ValueError(f"unknown tasks {unknown}; the model's tasks are {self.task_names}")
+            rows = [self.task_prompt(p, t) for p in prompts for t in tasks]
+            task_ids = [self.task_names.index(t) for _ in prompts for t in tasks]
+            image_index = [i for i in range(len(prompts)) for _ in tasks]
+        self._warn_truncation(rows)
+        enc = self.tokenizer(
+            rows, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        out["image_index"] = torch.tensor(image_index, dtype=torch.long)
+        if task_ids is not None:
+            out["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
+        return out
+
+    def _warn_truncation(self, rows: Sequence[str]) -> None:
+        lengths = [len(ids) for ids in self.tokenizer(list(rows), truncation=False)["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n > self.max_text_length]
+        if over:
+            logger.warning(
+                "%d prompt(s) longer than max_text_length=%d tokens were truncated (first: row %d, %d tokens); "
+                "their words past the limit are neither read nor labelled",
+                len(over), self.max_text_length, over[0], lengths[over[0]],
+            )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The keyword codec
+
+    def keyword_target(self, words: Sequence[str], labels: Sequence[int]) -> str:
+        """(prompt words, labels) -> target text with ` 0` after each misaligned word (label 0)."""
+        return encode_keyword_target(words, labels)
+
+    def encode_keyword_targets(
+        self, prompts: Sequence[str], keyword_labels: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Prompts and their word labels -> `labels` (B, T) token ids, -100 on padding.
+
+        Words that truncation drops from the prompt are dropped from the target too, so that the model is never
+        asked to mark a word it did not read.
+        """
+        targets = []
+        for i, (prompt, labels) in enumerate(zip(prompts, keyword_labels)):
+            words = split_prompt_words(prompt)
+            if len(words) != len(labels):
+                raise ValueError(
+                    f"prompt {i} has {len(words)} words but {len(labels)} word labels; labels follow "
+                    f"rahf.keywords.split_prompt_words({prompt!r})"
+                )
+            keep = self.kept_word_count(prompt)
+            target = self.keyword_target(words[:keep], list(labels)[:keep])
+            while keep > 0 and len(self.tokenizer(target)["input_ids"]) > self.max_target_length:
+                keep -= 1
+                target = self.keyword_target(words[:keep], list(labels)[:keep])
+            targets.append(target)
+        enc = self.tokenizer(
+            targets, padding="longest", truncation=True, max_length=self.max_target_length, return_tensors="pt"
+        )
+        ids = enc["input_ids"].clone()
+        ids[enc["attention_mask"] == 0] = -100
+        return ids
+
+    def decode_keywords(
+        self, sequences: torch.Tensor | Sequence[str], prompts: Sequence[str]
+    ) -> list[list[int]]:
+        """Generated token ids (or texts) -> per prompt, the sorted indices of its misaligned words."""
+        if isinstance(sequences, torch.Tensor):
+            texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        else:
+            texts = list(sequences)
+        return [decode_keyword_indices(t, split_prompt_words(p)) for t, p in zip(texts, prompts)]
+
+
+def _image_stats_of(path: str, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """Reads image_mean / image_std from a pretrained tower's preprocessor_config.json when it has one."""
+    local = Path(path) / "preprocessor_config.json"
+    try:
+        if local.is_file():
+            cfg = json.loads(local.read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            cfg = json.loads(Path(hf_hub_download(path, "preprocessor_config.json")).read_text())
+    except Exception as err:  # a missing file is normal for bare towers; keep the config's statistics
+        logger.info("no preprocessor_config.json for %s (%s); using image_mean=%s image_std=%s", path, err, mean, std)
+        return mean, std
+    return list(cfg.get("image_mean", mean)), list(cfg.get("image_std", std))
+
+
+__all__ = ["RAHFProcessor", "load_image"]

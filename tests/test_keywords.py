@@ -1,0 +1,46 @@
+import random
+
+import pytest
+
+from rahf.keywords import decode_keyword_indices, encode_keyword_target, split_prompt_words
+
+
+def test_split_matches_the_release():
+    assert split_prompt_words('A cat, "sitting" on: a mat?!  (ok)') == ["A", "cat", "sitting", "on", "a", "mat", "(ok)"]
+    assert split_prompt_words(" ,. ") == []
+
+
+def test_encode_marks_misaligned_words():
+    assert encode_keyword_target(["a", "red", "cat"], [1, 0, 1]) == "a red 0 cat"
+    assert encode_keyword_target(["a", "red", "cat"], [0, 0, 0]) == "a 0 red 0 cat 0"
+
+
+def test_encode_rejects_mismatched_labels():
+    with pytest.raises(ValueError, match="one entry per prompt word"):
+        encode_keyword_target(["a", "cat"], [1])
+    with pytest.raises(ValueError, match="must be 0"):
+        encode_keyword_target(["a"], [2])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_round_trip_including_prompts_that_contain_zero(seed):
+    rng = random.Random(seed)
+    vocab = ["a", "0", "cat", "red", "00", "dog", "[0]", "10"]
+    for _ in range(500):
+        words = [rng.choice(vocab) for _ in range(rng.randint(1, 9))]
+        labels = [rng.randint(0, 1) for _ in words]
+        decoded = decode_keyword_indices(encode_keyword_target(words, labels), words)
+        assert decoded == [i for i, label in enumerate(labels) if label == 0], (words, labels)
+
+
+def test_decoding_survives_drift():
+    words = ["a", "red", "circle", "above", "a", "blue", "square"]
+    # dropped word, misspelling, inserted word, punctuation and case changes
+    assert decode_keyword_indices("a red 0 circle a blu 0 square", words) == [1, 5]
+    assert decode_keyword_indices("A red 0, circle above a very blue square 0.", words) == [1, 6]
+    assert decode_keyword_indices("red 0 circle", words) == [1]
+    # a trailing marker after a word the generation dropped never marks the dropped word
+    assert decode_keyword_indices("a red 0 cat 0", ["a", "red", "cat", "sitting"]) == [1, 2]
+    # garbage and empty generations mark nothing
+    assert decode_keyword_indices("", words) == []
+    assert decode_keyword_indices("0 0 0", words) == []

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from PIL import Image
+from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+
+from rahf import RAHFModel, RAHFProcessor
+from rahf.testing import tiny_rahf_config, tiny_rahf_model, tiny_rahf_processor
+
+PROMPTS = ["a red circle above a blue square", "two green triangles on grass"]
+LABELS = [[1, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1]]
+
+
+def make_batch(processor, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [Image.fromarray((torch.rand(40, 56, 3, generator=g) * 255).byte().numpy()) for _ in PROMPTS]
+    return processor(images=images, text=PROMPTS, keyword_labels=LABELS)
+
+
+def labels_for(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size, b = model.config.heatmap_size, len(PROMPTS)
+    return {
+        "heatmap_labels": (torch.rand(b, 2, size, size, generator=g) > 0.8).float(),
+        "score_labels": torch.rand(b, 4, generator=g),
+    }
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+@pytest.mark.parametrize("tower", ["vit", "siglip_vision_model", "clip_vision_model"])
+def test_output_shapes_and_ranges(variant, tower):
+    model = tiny_rahf_model(variant, vision_model_type=tower)
+    out = model(**make_batch(tiny_rahf_processor(variant, vision_model_type=tower)))
+    assert out.heatmaps.shape == (2, 2, 16, 16)
+    assert out.scores.shape == (2, 4)
+    assert out.sequence_logits.shape[0] == 2 and out.sequence_logits.shape[-1] == model.config.text_config.vocab_size
+    for t in (out.heatmaps, out.scores):
+        assert torch.isfinite(t).all() and (t >= 0).all() and (t <= 1).all()
+
+
+def test_augmented_prompt_runs_only_the_requested_tasks():
+    model, processor = tiny_rahf_model("augmented_prompt"), tiny_rahf_processor("augmented_prompt")
+    enc = processor(images=[Image.new("RGB", (20, 20))] * 2, text=PROMPTS, tasks=["misalignment", "overall"])
+    assert enc["input_ids"].shape[0] == 4 and enc["task_ids"].tolist() == [1, 5, 1, 5]
+    out = model(**enc)
+    assert torch.isnan(out.heatmaps[:, 0]).all() and torch.isfinite(out.heatmaps[:, 1]).all()
+    assert torch.isnan(out.scores[:, :3]).all() and torch.isfinite(out.scores[:, 3]).all()
+    assert out.sequence_logits is None
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_every_trainable_parameter_gets_a_gradient(variant):
+    model = tiny_rahf_model(variant).train()
+    out = model(**make_batch(tiny_rahf_processor(variant)), **labels_for(model))
+    assert out.heatmap_loss is not None and out.score_loss is not None and out.sequence_loss is not None
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_loss_falls_on_a_fixed_batch(variant):
+    model = tiny_rahf_model(variant).train()
+    batch = {**make_batch(tiny_rahf_processor(variant)), **labels_for(model)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_loss_weights_are_applied():
+    batch = make_batch(tiny_rahf_processor())
+    base = tiny_rahf_model()
+    out = base(**batch, **labels_for(base))
+    weighted = tiny_rahf_model(heatmap_loss_weight=2.0, score_loss_weight=0.0, sequence_loss_weight=0.5)
+    out_w = weighted(**batch, **labels_for(base))
+    expected = 2.0 * out.heatmap_loss + 0.5 * out.sequence_loss
+    torch.testing.assert_close(out_w.loss, expected)
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_save_and_load_give_identical_outputs_from_safetensors_only(tmp_path, variant):
+    model, processor = tiny_rahf_model(variant), tiny_rahf_processor(variant)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))], files
+    loaded = RAHFModel.from_pretrained(tmp_path).eval()
+    processor2 = RAHFProcessor.from_pretrained(tmp_path)
+    batch, batch2 = make_batch(processor), make_batch(processor2)
+    for key in batch:
+        torch.testing.assert_close(batch[key], batch2[key])
+    with torch.no_grad():
+        a, b = model(**batch), loaded(**batch)
+    for name in ("heatmaps", "scores", "sequence_logits"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, equal_nan=True)
+
+
+def test_builds_from_pretrained_towers_saved_locally(tmp_path):
+    torch.manual_seed(1)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64), add_pooling_layer=False)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                             decoder_start_token_id=0))
+    vit.save_pretrained(tmp_path / "vit")
+    t5.save_pretrained(tmp_path / "t5")
+    config = tiny_rahf_config(vision_model_name_or_path=str(tmp_path / "vit"), text_model_name_or_path=str(tmp_path / "t5"))
+    model = RAHFModel.from_pretrained_towers(config)
+    for name, tensor in vit.state_dict().items():
+        torch.testing.assert_close(model.vision_model.state_dict()[name], tensor, rtol=0, atol=0)
+    for name, tensor in t5.state_dict().items():
+        torch.testing.assert_close(model.text_model.state_dict()[name], tensor, rtol=0, atol=0)
+    # the full model saves and reloads with the towers' weights inside
+    model.save_pretrained(tmp_path / "rahf")
+    again = RAHFModel.from_pretrained(tmp_path / "rahf")
+    torch.testing.assert_close(
+        again.vision_model.embeddings.patch_embeddings.projection.weight, vit.embeddings.patch_embeddings.projection.weight
+    )
+
+
+def test_decoder_can_attend_to_text_only():
+    config_kwargs = {"decoder_attends_to": "text"}
+    model = tiny_rahf_model(**config_kwargs)
+    out = model(**make_batch(tiny_rahf_processor(**config_kwargs)))
+    assert out.sequence_logits is not None and torch.isfinite(out.sequence_logits).all()
+
+
+def test_bad_label_shape_names_the_argument():
+    model = tiny_rahf_model()
+    with pytest.raises(ValueError, match="heatmap_labels"):
+        model(**make_batch(tiny_rahf_processor()), heatmap_labels=torch.zeros(2, 2, 8, 8))
