@@ -1,0 +1,558 @@
+"""Official RichHF-18K release (TFRecord labels) + Pick-a-Pic images and prompts -> the canonical data set.
+
+`rahf data convert-richhf --tfrecords train.tfrecord dev.tfrecord test.tfrecord --pickapic SRC --out DIR`
+
+- The TFRecords are read without TensorFlow (`rahf.data.tfrecord`), checking the framing CRCs. The split comes from
+  the file name: a name containing the word `train`, `dev` (or `validation`, `val`) or `test`.
+- Scores: `artifact_score` -> `plausibility`, `misalignment_score` -> `alignment`, `aesthetics_score` ->
+  `aesthetics`, `overall_score` -> `overall`. Their scale is detected from all the values of the run: all in [0, 1]
+  -> kept; all in [1, 5] -> (s - 1) / 4; anything else is an error unless `score_scale` forces one.
+- `artifact_map` / `misalignment_map` (encoded single-channel images) -> `implausibility_map` / `misalignment_map`.
+- `prompt_misalignment_label` holds one 0/1 label per prompt word, the prompt split by `split_prompt_words`.
+- `filename`'s basename without extension is the Pick-a-Pic uid. SRC is either a folder of Pick-a-Pic parquet shards
+  (columns `caption`, `image_0_uid`, `image_1_uid`, `jpg_0`, `jpg_1`) or a folder of `{uid}.{png,jpg,jpeg,webp}`
+  images with a `prompts.jsonl` of `{"uid": ..., "prompt": ...}` lines.
+
+Memory stays bounded: a first pass over the TFRecords keeps only (offset, uid, scores) per record; the Pick-a-Pic
+index keeps (caption, shard, row group, row) for the needed uids only; the second pass reads the image columns one
+parquet row group at a time, rereads each TFRecord record by its offset, and streams examples to Arrow files, which
+are put back in TFRecord order before `save_to_disk`.
+
+`DIR/conversion_report.json` = `{"read": n, "converted": n, "skipped": [{"split", "file", "index", "uid", "reason"}],
+...}`: every record that was not converted is listed with its reason, so `read == converted + len(skipped)`.
+
+Examples:
+    >>> from rahf.data.richhf import convert_richhf
+    >>> report = convert_richhf(["richhf/train.tfrecord"], "pickapic_v1/data", "data/richhf18k")
+    >>> report["read"] - report["converted"] == len(report["skipped"])
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..keywords import split_prompt_words
+from .schema import FEATURES, SPLITS, encoded_image, prepare_output_dir, save_rich_feedback, scratch_dir, write_splits
+from .tfrecord import TFRecordCorruption, TFRecordCorruptionError, decode_example, read_tfrecord_at, scan_tfrecords
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MAP_FEATURES",
+    "SCORE_FEATURES",
+    "SPLIT_ALIASES",
+    "convert_richhf",
+    "register",
+    "split_from_filename",
+    "uid_from_filename",
+]
+
+SCORE_FEATURES: dict[str, str] = {
+    "artifact_score": "plausibility",
+    "misalignment_score": "alignment",
+    "aesthetics_score": "aesthetics",
+    "overall_score": "overall",
+}
+MAP_FEATURES: dict[str, str] = {"artifact_map": "implausibility_map", "misalignment_map": "misalignment_map"}
+LABEL_FEATURE = "prompt_misalignment_label"
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "dev": "validation",
+    "validation": "validation",
+    "val": "validation",
+    "test": "test",
+}
+SCORE_SCALES = ("auto", "unit", "likert")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PICKAPIC_COLUMNS = ("caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1")
+REPORT_NAME = "conversion_report.json"
+
+_SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_RECORD_SUFFIXES = (".gz", ".tfrecord", ".tfrecords", ".tfr", ".records", ".record")
+
+
+def split_from_filename(path: str | Path) -> str:
+    """The canonical split of a TFRecord file from its name: train / dev / test -> train / validation / test."""
+    name = Path(path).name.lower()
+    stem = name
+    for suffix in _RECORD_SUFFIXES:  # "train.tfrecord.gz" -> "train"
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    found = {SPLIT_ALIASES[token] for token in re.split(r"[^a-z0-9]+", stem) if token in SPLIT_ALIASES}
+    if len(found) != 1:
+        accepted = ", ".join(sorted(SPLIT_ALIASES))
+        what = f"it names several splits {sorted(found)}" if found else "it names no split"
+        raise ValueError(
+            f"cannot tell the split of TFRecord file {str(path)!r}: {what}. The name must contain exactly one of the "
+            f"words {accepted} (e.g. train.tfrecord, dev.tfrecord, test.tfrecord); rename the file"
+        )
+    return found.pop()
+
+
+def uid_from_filename(filename: str) -> tuple[str | None, str | None]:
+    """(uid, None) for a safe Pick-a-Pic file name, (None, why) otherwise. The uid is the basename without extension.
+
+    Names with NUL bytes, absolute paths, `..` components or a basename outside `[A-Za-z0-9._-]` are unsafe.
+    """
+    if "\x00" in filename:
+        return None, "contains a NUL byte"
+    if filename.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", filename):
+        return None, "is an absolute path"
+    parts = re.split(r"[\\/]", filename)
+    if any(part == ".." for part in parts):
+        return None, "contains a '..' path component"
+    base = parts[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base[1:] else base
+    if not _SAFE_UID.fullmatch(stem):
+        return None, f"its basename {base!r} is not a plain uid (letters, digits, '.', '_', '-')"
+    return stem, None
+
+
+@dataclass
+class _Record:
+    """What the first pass keeps of one TFRecord record."""
+
+    order: int
+    split: str
+    file: str
+    index: int
+    offset: int = -1
+    uid: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def _scan(paths: Sequence[Path]) -> tuple[list[_Record], dict[str, dict[str, float]]]:
+    """First pass: framing, protobuf, file name and scores of every record; min/max of each score."""
+    records: list[_Record] = []
+    lo = {name: math.inf for name in SCORE_FEATURES.values()}
+    hi = {name: -math.inf for name in SCORE_FEATURES.values()}
+    for path in paths:
+        split = split_from_filename(path)
+        progress = tqdm(scan_tfrecords(path), desc=f"scanning {path.name}", unit=" records", leave=False)
+        for index, (offset, item) in enumerate(progress):
+            record = _Record(order=len(records), split=split, file=path.name, index=index, offset=offset)
+            records.append(record)
+            if isinstance(item, TFRecordCorruption):
+                record.reason = item.reason + ("; the rest of the file is unreadable" if item.fatal else "")
+                continue
+            try:
+                example = decode_example(item)
+            except ValueError as err:
+                record.reason = f"malformed tf.train.Example: {err}"
+                continue
+            record.uid, record.reason = _uid_of(example)
+            if record.reason:
+                continue
+            problems = []
+            for feature, name in SCORE_FEATURES.items():
+                values = example.get(feature)
+                if not values or len(values) != 1 or not isinstance(values[0], float):
+                    problems.append(f"missing feature: {feature} must hold one float, got {values!r}")
+                elif math.isnan(values[0]):
+                    problems.append(f"bad score: {feature} is NaN")
+                else:
+                    record.scores[name] = values[0]
+            if problems:
+                record.reason = "; ".join(problems)
+                continue
+            for name, value in record.scores.items():
+                lo[name] = min(lo[name], value)
+                hi[name] = max(hi[name], value)
+    return records, {"min": lo, "max": hi}
+
+
+def _uid_of(example: dict[str, list]) -> tuple[str | None, str | None]:
+    values = example.get("filename")
+    if not values or len(values) != 1 or not isinstance(values[0], bytes):
+        return None, f"missing feature: filename must hold one bytes value, got {values!r}"
+    try:
+        filename = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"unsafe file name: {values[0]!r} is not valid UTF-8"
+    uid, why = uid_from_filename(filename)
+    if why:
+        return None, f"unsafe file name: {filename!r} {why}"
+    return uid, None
+
+
+def _detect_scale(ranges: dict[str, dict[str, float]], score_scale: str) -> str:
+    if score_scale not in SCORE_SCALES:
+        raise ValueError(f"`score_scale` must be one of {SCORE_SCALES}, got {score_scale!r}")
+    if score_scale != "auto":
+        return score_scale
+    lo = [v for v in ranges["min"].values() if v != math.inf]
+    hi = [v for v in ranges["max"].values() if v != -math.inf]
+    if not lo:
+        return "unit"  # nothing to convert
+    if min(lo) >= 0.0 and max(hi) <= 1.0:
+        return "unit"
+    if min(lo) >= 1.0 and max(hi) <= 5.0:
+        return "likert"
+    detail = ", ".join(
+        f"{feature}: [{ranges['min'][name]:g}, {ranges['max'][name]:g}]" for feature, name in SCORE_FEATURES.items()
+    )
+    raise ValueError(
+        f"cannot detect the score scale: the scores span neither [0, 1] nor [1, 5] ({detail}). Pass "
+        "score_scale='unit' or 'likert' (--score_scale) to force one; records outside it are then reported as skipped"
+    )
+
+
+def _normalise(value: float, scale: str) -> float:
+    return (value - 1.0) / 4.0 if scale == "likert" else value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pick-a-Pic sources
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _FolderSource:
+    """`{uid}.{png,jpg,jpeg,webp}` images and `prompts.jsonl` in one folder."""
+
+    kind = "images folder"
+
+    def __init__(self, root: Path, needed: set[str]) -> None:
+        self.paths: dict[str, Path] = {}
+        for path in sorted(root.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.stem in needed:
+                if path.stem in self.paths:
+                    logger.warning("several images for uid %s in %s; using %s", path.stem, root, self.paths[path.stem])
+                    continue
+                self.paths[path.stem] = path
+        self.prompts: dict[str, str] = {}
+        with open(root / "prompts.jsonl", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    uid, prompt = row["uid"], row["prompt"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    logger.warning('%s line %d: not a {"uid", "prompt"} JSON object (%s)', f.name, line_no, err)
+                    continue
+                if isinstance(uid, str) and isinstance(prompt, str) and uid in needed:
+                    self.prompts.setdefault(uid, prompt)
+
+    def prompt(self, uid: str) -> str | None:
+        return self.prompts.get(uid)
+
+    def has_image(self, uid: str) -> bool:
+        return uid in self.paths
+
+    def fetch(self, records: list[_Record]) -> Iterator[tuple[_Record, bytes | None]]:
+        for record in records:
+            assert record.uid is not None
+            try:
+                data: bytes | None = self.paths[record.uid].read_bytes()
+            except OSError as err:
+                logger.warning("cannot read %s: %s", self.paths[record.uid], err)
+                data = None
+            yield record, data
+
+
+class _ParquetSource:
+    """Pick-a-Pic parquet shards: an index uid -> (caption, shard, row group, row, column) for the needed uids."""
+
+    kind = "parquet shards"
+
+    def __init__(self, shards: list[Path], needed: set[str]) -> None:
+        import pyarrow.parquet as pq
+
+        self.shards = shards
+        self.index: dict[str, tuple[str | None, int, int, int, int]] = {}
+        for shard_id, shard in enumerate(tqdm(shards, desc="indexing Pick-a-Pic", unit=" shards", leave=False)):
+            pf = pq.ParquetFile(shard)
+            missing = [c for c in PICKAPIC_COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(
+                    f"Pick-a-Pic shard {str(shard)!r} lacks the column(s) {missing}; --pickapic must point at "
+                    f"Pick-a-Pic v1 parquet shards with columns {list(PICKAPIC_COLUMNS)}"
+                )
+            for group in range(pf.num_row_groups):
+                table = pf.read_row_group(group, columns=["caption", "image_0_uid", "image_1_uid"])
+                captions = table.column("caption").to_pylist()
+                for column in (0, 1):
+                    for row, uid in enumerate(table.column(f"image_{column}_uid").to_pylist()):
+                        if uid in needed and uid not in self.index:
+                            self.index[uid] = (captions[row], shard_id, group, row, column)
+            if len(self.index) == len(needed):
+                break  # every image found: the remaining shards need not be read
+
+    def prompt(self, uid: str) -> str | None:
+        entry = self.index.get(uid)
+        return entry[0] if entry else None
+
+    def has_image(self, uid: str) -> bool:
+        return uid in self.index
+
+    def fetch(self, records: list[_Record]) -> Iterator[tuple[_Record, bytes | None]]:
+        """Yields the records grouped by row group, so each row group's image columns are read once."""
+        import pyarrow.parquet as pq
+
+        groups: dict[tuple[int, int], list[_Record]] = defaultdict(list)
+        for record in records:
+            assert record.uid is not None
+            _, shard_id, group, _, _ = self.index[record.uid]
+            groups[(shard_id, group)].append(record)
+        for (shard_id, group), members in sorted(groups.items()):
+            columns = sorted({f"jpg_{self.index[r.uid][4]}" for r in members if r.uid is not None})
+            table = pq.ParquetFile(self.shards[shard_id]).read_row_group(group, columns=columns)
+            for record in members:
+                assert record.uid is not None
+                _, _, _, row, column = self.index[record.uid]
+                value = table.column(f"jpg_{column}")[row].as_py()
+                if isinstance(value, dict):  # a datasets.Image column: {"bytes", "path"}
+                    value = value.get("bytes")
+                yield record, value if isinstance(value, (bytes, bytearray)) else None
+            del table
+
+
+def _find_source(src: Path) -> tuple[str, list[Path]]:
+    """("parquet", shards) or ("folder", []) for a Pick-a-Pic source; raises `ValueError` naming the fix otherwise."""
+    if src.is_file() and src.suffix == ".parquet":
+        return "parquet", [src]
+    if not src.is_dir():
+        raise ValueError(
+            f"`pickapic` {str(src)!r} is not a folder; pass a folder of Pick-a-Pic parquet shards or a folder of "
+            "{uid}.{png,jpg,webp} images with a prompts.jsonl"
+        )
+    if (src / "prompts.jsonl").is_file():
+        return "folder", []
+    shards = sorted(src.rglob("*.parquet"))
+    if shards:
+        return "parquet", shards
+    raise ValueError(
+        f"`pickapic` {str(src)!r} holds neither parquet shards nor a prompts.jsonl; pass a folder of Pick-a-Pic "
+        "parquet shards (columns caption, image_0_uid, image_1_uid, jpg_0, jpg_1) or a folder of "
+        '{uid}.{png,jpg,webp} images with a prompts.jsonl of {"uid", "prompt"} lines'
+    )
+
+
+def _open_source(src: Path, needed: set[str]) -> _FolderSource | _ParquetSource:
+    kind, shards = _find_source(src)
+    return _ParquetSource(shards, needed) if kind == "parquet" else _FolderSource(src, needed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _build_example(record: _Record, data: bytes, prompt: str, image: bytes, scale: str) -> dict[str, Any]:
+    """The canonical example of one record; raises `ValueError` with the skip reason."""
+    example = decode_example(data)
+    problems = []
+    scores = {}
+    for name, value in record.scores.items():
+        mapped = _normalise(value, scale)
+        if not 0.0 <= mapped <= 1.0:
+            problems.append(f"score out of range: {name} = {value:g} is outside the {scale} scale")
+        scores[name] = mapped
+    words = split_prompt_words(prompt)
+    raw_labels = example.get(LABEL_FEATURE)
+    labels: list[int] = []
+    if not raw_labels or len(raw_labels) != 1 or not isinstance(raw_labels[0], bytes):
+        problems.append(f"missing feature: {LABEL_FEATURE} must hold one bytes value, got {raw_labels!r}")
+    else:
+        tokens = raw_labels[0].decode("utf-8", errors="replace").split()
+        if any(token not in ("0", "1") for token in tokens):
+            problems.append(f"bad labels: {LABEL_FEATURE} must be space-separated 0/1, got {raw_labels[0][:80]!r}")
+        elif len(tokens) != len(words):
+            problems.append(f"word/label count mismatch: {len(words)} prompt words but {len(tokens)} labels")
+        else:
+            labels = [int(token) for token in tokens]
+    maps = {}
+    for feature, column in MAP_FEATURES.items():
+        values = example.get(feature)
+        if not values or len(values) != 1 or not isinstance(values[0], bytes):
+            problems.append(f"missing feature: {feature} must hold one encoded image, got {type(values).__name__}")
+            continue
+        try:
+            maps[column] = encoded_image(values[0], "L")
+        except Exception as err:  # PIL raises many types on broken files: never crash on one
+            problems.append(f"undecodable map: {feature}: {type(err).__name__}: {err}")
+    try:
+        image_value = encoded_image(image, "RGB")
+    except Exception as err:  # PIL raises many types on broken files: never crash on one
+        problems.append(f"undecodable image: {type(err).__name__}: {err}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    assert record.uid is not None
+    return {
+        "uid": record.uid,
+        "image": image_value,
+        "prompt": prompt,
+        **scores,
+        **maps,
+        "prompt_words": words,
+        "word_labels": labels,
+        "_order": record.order,
+    }
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def convert_richhf(
+    tfrecords: Sequence[str | Path],
+    pickapic: str | Path,
+    out_dir: str | Path,
+    *,
+    score_scale: str = "auto",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Converts official RichHF-18K TFRecords + Pick-a-Pic into the canonical `DatasetDict` saved at `out_dir`.
+
+    Args:
+        tfrecords (`Sequence[str | Path]`): the TFRecord files; each name tells its split (train / dev / test).
+        pickapic (`str | Path`): a folder of Pick-a-Pic parquet shards, or of `{uid}.{ext}` images + `prompts.jsonl`.
+        out_dir (`str | Path`): where the `DatasetDict` and `conversion_report.json` go (absent or empty).
+        score_scale (`str`, *optional*, defaults to `"auto"`): `"auto"` detects [0, 1] or 1-5 from the values;
+            `"unit"` or `"likert"` forces one.
+        overwrite (`bool`, *optional*, defaults to `False`): replace a data set already saved at `out_dir`.
+
+    Returns:
+        The report written to `out_dir/conversion_report.json`.
+    """
+    if isinstance(tfrecords, (str, Path)):
+        tfrecords = [tfrecords]
+    paths = [Path(p) for p in tfrecords]
+    if not paths:
+        raise ValueError("`tfrecords` is empty; pass the RichHF-18K TFRecord files (train, dev, test)")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"`tfrecords` file {str(path)!r} does not exist")
+        split_from_filename(path)  # fail on a bad name before reading anything
+    if score_scale not in SCORE_SCALES:
+        raise ValueError(f"`score_scale` must be one of {SCORE_SCALES}, got {score_scale!r}")
+    gzipped = [p.name for p in paths if _is_gzip(p)]
+    if gzipped:
+        logger.warning(
+            "%s: gzip-compressed; records are reread by offset, slow in gzip: decompress them first", gzipped
+        )
+    src = Path(pickapic)
+    _find_source(src)
+    out = prepare_output_dir(out_dir, overwrite=overwrite)  # a busy output folder fails before the long part
+
+    records, ranges = _scan(paths)
+    scale = _detect_scale(ranges, score_scale)
+    logger.info("read %d TFRecord records from %d file(s); score scale: %s", len(records), len(paths), scale)
+
+    needed = {r.uid for r in records if r.reason is None and r.uid is not None}
+    source = _open_source(src, needed)
+    for record in records:
+        if record.reason is not None:
+            continue
+        assert record.uid is not None
+        if not source.has_image(record.uid):
+            record.reason = f"missing image: uid {record.uid!r} not found in the Pick-a-Pic {source.kind}"
+        elif source.prompt(record.uid) is None:
+            record.reason = f"missing prompt: uid {record.uid!r} has no prompt in the Pick-a-Pic {source.kind}"
+    todo = [r for r in records if r.reason is None]
+    path_of = {p.name: p for p in paths}
+
+    def examples() -> Iterator[tuple[str, dict[str, Any]]]:
+        for record, image in tqdm(source.fetch(todo), total=len(todo), desc="converting", unit=" records"):
+            assert record.uid is not None
+            if image is None:
+                record.reason = f"missing image: no image bytes for uid {record.uid!r} in the Pick-a-Pic source"
+                continue
+            try:
+                data = read_tfrecord_at(path_of[record.file], record.offset)
+                prompt = source.prompt(record.uid)
+                assert prompt is not None
+                yield record.split, _build_example(record, data, prompt, image, scale)
+            except TFRecordCorruptionError as err:
+                record.reason = f"{err.corruption.reason} (on rereading: the file changed during conversion)"
+            except ValueError as err:
+                record.reason = str(err)
+
+    features = datasets.Features({**FEATURES, "_order": datasets.Value("int64")})
+    with scratch_dir(out) as tmp:
+        built = write_splits(examples(), tmp, features=features)
+        # Rows were written in fetch order (parquet row groups); put them back in TFRecord order.
+        ds = datasets.DatasetDict(
+            {
+                split: built[split].select(np.argsort(built[split]["_order"], kind="stable")).remove_columns("_order")
+                for split in SPLITS
+            }
+        )
+        save_rich_feedback(ds, out)
+        del ds, built
+
+    skipped = [
+        {"split": r.split, "file": r.file, "index": r.index, "uid": r.uid, "reason": r.reason}
+        for r in records
+        if r.reason is not None
+    ]
+    per_split = Counter(r.split for r in records if r.reason is None)
+    reasons = Counter(r.reason.split(":")[0].split(";")[0] for r in records if r.reason is not None)
+    report = {
+        "read": len(records),
+        "converted": len(records) - len(skipped),
+        "skipped": skipped,
+        "splits": {split: per_split.get(split, 0) for split in SPLITS},
+        "skip_reasons": dict(reasons),
+        "score_scale": {
+            "scale": scale,
+            "requested": score_scale,
+            "min": {k: (v if v != math.inf else None) for k, v in ranges["min"].items()},
+            "max": {k: (v if v != -math.inf else None) for k, v in ranges["max"].items()},
+        },
+        "pickapic_source": source.kind,
+    }
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    summary = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
+    logger.info(
+        "convert-richhf: read %d records, converted %d, skipped %d%s -> %s",
+        report["read"],
+        report["converted"],
+        len(skipped),
+        f" ({summary})" if summary else "",
+        out,
+    )
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    convert_richhf(args.tfrecords, args.pickapic, args.out, score_scale=args.score_scale, overwrite=args.overwrite)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `convert-richhf` to the `rahf data` command line."""
+    parser = subparsers.add_parser(
+        "convert-richhf",
+        help="official RichHF-18K TFRecords + Pick-a-Pic images -> canonical data set",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--tfrecords", nargs="+", required=True, metavar="PATH", help="train/dev/test TFRecord files")
+    parser.add_argument(
+        "--pickapic",
+        required=True,
+        metavar="SRC",
+        help="folder of Pick-a-Pic parquet shards, or of {uid}.{png,jpg,webp} images with prompts.jsonl",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (absent or empty)")
+    parser.add_argument(
+        "--score_scale", choices=SCORE_SCALES, default="auto", help="score scale of the TFRecords (default: detect)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a data set saved at --out before")
+    parser.set_defaults(func=_run)

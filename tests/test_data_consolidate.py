@@ -1,0 +1,189 @@
+"""Consolidation of per-annotator annotations: disks, averaging, majority vote, scores, and invalid-line reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rahf.data.cli import main as data_main
+from rahf.data.consolidate import CONSOLIDATED_FEATURES, consolidate, consolidate_records, disk_radius
+from rahf.data.schema import SCORE_NAMES, SPLITS, load_rich_feedback, validate_dataset
+
+WIDTH, HEIGHT = 48, 60  # radius = 60 / 20 = 3 pixels
+
+
+def _images(folder: Path, names: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def _line(uid: str = "img0", annotator: str = "a", **overrides) -> dict:
+    line = {
+        "uid": uid,
+        "image": f"{uid}.png",
+        "prompt": "a red cat on a mat",
+        "split": "train",
+        "annotator": annotator,
+        "points": [],
+        "misaligned_word_indices": [],
+        "scores": {"plausibility": 3, "alignment": 3, "aesthetics": 3, "overall": 3},
+    }
+    line.update(overrides)
+    return line
+
+
+def _distances(x: float, y: float) -> np.ndarray:
+    rows, cols = np.mgrid[0:HEIGHT, 0:WIDTH]
+    return np.sqrt((cols - x) ** 2 + (rows - y) ** 2)
+
+
+def test_one_point_gives_a_disk_of_radius_height_over_20(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", ["img0.png"])
+    point = {"x": 20.0, "y": 31.5, "kind": "implausibility"}
+    ds, invalid = consolidate_records([_line(points=[point])], images)
+    assert invalid == []
+    row = ds["train"][0]
+    heat = np.asarray(row["implausibility_map"])
+    assert heat.shape == (HEIGHT, WIDTH) and row["implausibility_map"].mode == "L"
+    assert disk_radius(HEIGHT) == 3.0
+    inside = _distances(20.0, 31.5) <= 3.0
+    np.testing.assert_array_equal(heat == 255, inside)
+    np.testing.assert_array_equal(heat == 0, ~inside)
+    assert inside.sum() > 20  # a real disk: about pi * 3^2 pixels
+    # The other heatmap has no point: empty.
+    assert np.asarray(row["misalignment_map"]).max() == 0
+
+
+def test_three_annotators_average_maps_scores_and_vote_on_words(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", ["img0.png"])
+    p1 = {"x": 10, "y": 10, "kind": "implausibility"}
+    p2 = {"x": 35, "y": 45, "kind": "implausibility"}
+    m1 = {"x": 24, "y": 30, "kind": "misalignment"}
+    lines = [
+        _line(
+            annotator="a",
+            points=[p1, m1],
+            misaligned_word_indices=[1, 2],
+            scores={"plausibility": 1, "alignment": 2, "aesthetics": 5, "overall": 4},
+        ),
+        _line(
+            annotator="b",
+            points=[p1, p2],
+            misaligned_word_indices=[2],
+            scores={"plausibility": 2, "alignment": 2, "aesthetics": 4, "overall": 4},
+        ),
+        _line(
+            annotator="c",
+            points=[],
+            misaligned_word_indices=[2, 4, 1],
+            scores={"plausibility": 3, "alignment": 5, "aesthetics": 3, "overall": 4.5},
+        ),
+    ]
+    ds, invalid = consolidate_records(lines, images)
+    assert invalid == []
+    row = ds["train"][0]
+    heat = np.asarray(row["implausibility_map"]).astype(int)
+    near_p1, near_p2 = _distances(10, 10) <= 3, _distances(35, 45) <= 3
+    assert (heat[near_p1] == round(2 / 3 * 255)).all()  # two of three annotators: 170
+    assert (heat[near_p2] == round(1 / 3 * 255)).all()  # one of three (c marked nothing): 85
+    assert (heat[~(near_p1 | near_p2)] == 0).all()
+    mis = np.asarray(row["misalignment_map"]).astype(int)
+    assert (mis[_distances(24, 30) <= 3] == 85).all() and mis.sum() == 85 * (_distances(24, 30) <= 3).sum()
+    # Words "a red cat on a mat": index 1 marked by a and c (2/3), 2 by all, 4 by c only.
+    assert row["prompt_words"] == ["a", "red", "cat", "on", "a", "mat"]
+    assert row["word_labels"] == [1, 0, 0, 1, 1, 1]
+    expected = {"plausibility": 2.0, "alignment": 3.0, "aesthetics": 4.0, "overall": 12.5 / 3}
+    for name in SCORE_NAMES:
+        assert row[name] == pytest.approx((expected[name] - 1) / 4, abs=1e-6)
+    assert [a["annotator"] for a in row["annotator_scores"]] == ["a", "b", "c"]
+    assert row["annotator_scores"][2]["overall"] == 4.5
+    assert ds["train"].features == CONSOLIDATED_FEATURES
+
+
+def test_majority_is_strict(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", ["img0.png"])
+    # Four annotators: 2 of 4 is no majority, 3 of 4 is.
+    marks = [[0, 1], [0, 1], [1], []]
+    lines = [_line(annotator=str(i), misaligned_word_indices=m) for i, m in enumerate(marks)]
+    ds, _ = consolidate_records(lines, images)
+    assert ds["train"][0]["word_labels"] == [1, 0, 1, 1, 1, 1]
+
+
+def test_invalid_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", ["img0.png", "img1.png", "sub/img2.png"])
+    good = [json.dumps(_line(annotator="a")), json.dumps(_line(annotator="b"))]
+    bad = {
+        3: "{not json",
+        4: json.dumps({k: v for k, v in _line(annotator="c").items() if k != "scores"}),
+        5: json.dumps(_line(annotator="d", split="dev")),
+        6: json.dumps(_line(annotator="e", points=[{"x": WIDTH, "y": 5, "kind": "implausibility"}])),
+        7: json.dumps(_line(annotator="f", misaligned_word_indices=[6])),
+        8: json.dumps(_line(annotator="g", scores={"plausibility": 6, "alignment": 3, "aesthetics": 3, "overall": 3})),
+        9: json.dumps(_line(uid="nope", annotator="a")),  # no such image: its only line, so the image is reported too
+        10: json.dumps(_line(annotator="h", prompt="another prompt")),
+        11: json.dumps(_line(annotator="a")),  # a second line from annotator a
+        12: json.dumps(_line(uid="img1", annotator="a", image="../img1.png")),
+        13: json.dumps(_line(annotator="i", points=[{"x": 1, "y": 2, "kind": "blur"}])),
+        14: "[1, 2]",
+    }
+    # Line 1 good, line 2 blank (skipped, still counted), line 3 good, then the bad lines 4..15 in order.
+    lines = [good[0], "", good[1], *(bad[n] for n in sorted(bad))]
+    (tmp_path / "ann.jsonl").write_text("\n".join(lines) + "\n")
+    # A valid uid in another folder and split, to check the output as a whole.
+    with open(tmp_path / "ann.jsonl", "a") as f:
+        f.write(json.dumps(_line(uid="img2", annotator="z", image="sub/img2.png", split="test")) + "\n")
+    report = consolidate(tmp_path / "ann.jsonl", images, tmp_path / "out")
+    by_line = {entry["line"]: entry["reason"] for entry in report["invalid"] if entry["line"] is not None}
+    expected_fragments = {
+        4: "not valid JSON",
+        5: "missing key(s) ['scores']",
+        6: "'split' must be one of",
+        7: "outside the 48x60 image",
+        8: "out of range: the prompt has 6 words",
+        9: "scores['plausibility'] must be a number in [1, 5]",
+        10: "image not found",
+        11: "'prompt' 'another prompt' differs",
+        12: "annotator 'a' already annotated uid 'img0' on line 1",
+        13: "unsafe image path '../img1.png'",
+        14: "'kind' must be one of",
+        15: "not a JSON object",
+    }
+    assert set(by_line) == set(expected_fragments)
+    for line_no, fragment in expected_fragments.items():
+        assert fragment in by_line[line_no], (line_no, by_line[line_no])
+    image_level = [entry for entry in report["invalid"] if entry["line"] is None]
+    assert [(e["uid"], "no valid annotator line" in e["reason"]) for e in image_level] == [
+        ("nope", True),
+        ("img1", True),
+    ]
+    assert report["lines"] == 15 and report["valid_lines"] == 3
+    assert report["splits"] == {"train": 1, "validation": 0, "test": 1}
+    saved = json.loads((tmp_path / "out" / "consolidation_report.json").read_text())
+    assert saved == report
+    ds = load_rich_feedback(tmp_path / "out")
+    assert ds["train"]["uid"] == ["img0"] and ds["test"]["uid"] == ["img2"]
+    assert len(ds["train"][0]["annotator_scores"]) == 2
+    validate_dataset(ds)
+
+
+def test_cli_consolidate_and_image_bytes_kept(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", ["img0.png"])
+    (tmp_path / "ann.jsonl").write_text(json.dumps(_line(split="validation")) + "\n")
+    argv = ["consolidate", "--annotations", str(tmp_path / "ann.jsonl"), "--images", str(images)]
+    assert data_main([*argv, "--out", str(tmp_path / "out")]) == 0
+    ds = load_rich_feedback(tmp_path / "out")
+    assert set(ds) == set(SPLITS) and len(ds["validation"]) == 1
+    np.testing.assert_array_equal(
+        np.asarray(ds["validation"][0]["image"]), np.asarray(Image.open(images / "img0.png"))
+    )
+    # The output folder now holds a data set: refused unless --overwrite.
+    assert data_main([*argv, "--out", str(tmp_path / "out")]) == 1
+    assert data_main([*argv, "--out", str(tmp_path / "out"), "--overwrite"]) == 0
