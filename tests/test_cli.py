@@ -56,3 +56,33 @@ def test_console_script_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "rahf", "--help"], capture_output=True, text=True, check=True)
     for command in ("init-model", "predict", "data", "demo"):
         assert command in out.stdout
+
+
+def test_init_model_from_locally_saved_towers(tmp_path):
+    """The real-weights path (base.json names hub ids) is the same code: here with tiny towers saved locally."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+
+    from rahf import RichFeedbackPredictor
+    from rahf.testing import tiny_rahf_config, tiny_tokenizer
+
+    torch.manual_seed(3)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=64), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.9, 0.8, 0.7]})
+    )
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                             decoder_start_token_id=0))
+    t5.save_pretrained(tmp_path / "t5")
+    tiny_tokenizer().save_pretrained(tmp_path / "t5")
+    config = tiny_rahf_config(vision_model_name_or_path=str(tmp_path / "vit"), text_model_name_or_path=str(tmp_path / "t5"))
+    config.to_json_file(tmp_path / "preset.json")
+    assert main(["init-model", "--config", str(tmp_path / "preset.json"), "--out", str(tmp_path / "model")]) == 0
+    predictor = RichFeedbackPredictor.from_pretrained(tmp_path / "model")
+    assert predictor.processor.image_mean == [0.1, 0.2, 0.3] and predictor.processor.image_std == [0.9, 0.8, 0.7]
+    torch.testing.assert_close(predictor.model.text_model.shared.weight, t5.shared.weight, rtol=0, atol=0)
+    torch.testing.assert_close(predictor.model.vision_model.embeddings.cls_token, vit.embeddings.cls_token, rtol=0, atol=0)
+    [feedback] = predictor([Image.new("RGB", (20, 20))], ["a cat"])
+    assert set(feedback.scores) == {"plausibility", "alignment", "aesthetics", "overall"}
