@@ -105,6 +105,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Subcommands whose module parses its own flags (each also runs as `python -m MODULE` / `accelerate launch -m MODULE`).
+DELEGATED = {
+    "data": ("rahf.data.cli", "data sets: synth, convert-richhf, consolidate, stats"),
+    "train": ("rahf.train", "train RAHF or a baseline from a YAML config (accelerate launch -m rahf.train)"),
+    "evaluate": ("rahf.evaluation", "the paper's Tables 1-4 on a split -> metrics.json, report.md, figures"),
+    "inpaint": ("pipelines.inpaint_cli", "heatmap -> mask -> K inpainted candidates -> rescored -> best"),
+    "guide": ("improve.guided_sample", "sampling with classifier guidance from a RAHF score"),
+    "best-of-n": ("improve.best_of_n", "generate N per prompt, keep the best above a threshold"),
+}
+
+
+def _delegate(command: str, argv: list[str], verbose: bool) -> int:
+    import importlib
+
+    module = importlib.import_module(DELEGATED[command][0])
+    try:
+        code = module.main(argv)
+    except ValueError as err:
+        if verbose:
+            raise
+        print(f"rahf {command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rahf", description="Rich Automatic Human Feedback for text-to-image generation"
@@ -129,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("data", help="data sets: synth, convert-richhf, consolidate, stats", add_help=False)
-    p.set_defaults(func=None)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
     p = sub.add_parser("demo", help="the whole loop on the embedded synthetic set, with a visual report")
     p.add_argument("--out", default="demo-output")
@@ -143,12 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # `rahf data ...` belongs to rahf.data.cli, which has its own subcommands and flags.
     rest = [a for a in argv if a not in ("-v", "--verbose")]
-    if rest and rest[0] == "data":
-        from .data.cli import main as data_main
-
-        return data_main(rest[1:])
+    if rest and rest[0] in DELEGATED:
+        return _delegate(rest[0], rest[1:], verbose)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -170,3 +170,6 @@ class RAHFConfig(PreTrainedConfig):
 
 
 __all__ = ["RAHFConfig"]
+
+# So that AutoConfig (and AutoTokenizer, which reads config.json next to a saved tokenizer) knows RAHF.
+AutoConfig.register(RAHFConfig.model_type, RAHFConfig, exist_ok=True)

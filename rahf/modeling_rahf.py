@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     CLIPVisionModel,
     PreTrainedModel,
     SiglipVisionModel,
@@ -438,3 +439,5 @@ class RAHFModel(RAHFPreTrainedModel):
 
 
 __all__ = ["RAHFModel", "RAHFOutput", "RAHFPreTrainedModel"]
+
+AutoModel.register(RAHFConfig, RAHFModel, exist_ok=True)
