@@ -1,0 +1,320 @@
+"""`rahf inpaint`: repair one image with RAHF + an inpainting pipeline and write the result, its candidates and scores.
+
+    rahf inpaint --model RAHF_DIR --inpainter PIPE_DIR_OR_ID --image IMG --prompt TEXT --out DIR
+    python -m pipelines.inpaint_cli --model ... (the same flags)
+
+Writes `best.png`, `candidates.png` (input and candidates with their scores), `heatmap.png` (the heat as greyscale),
+`overlay.png`, `mask.png` and `result.json` (every score, `repaired`, the mask's area and the settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "build_parser",
+    "from_inpaint_pipe",
+    "load_rahf_inpaint_pipeline",
+    "main",
+    "parse_rescore_with",
+    "rahf_inpaint_class_for",
+    "write_inpaint_result",
+]
+
+_RAHF_PIPELINES = ("RAHFInpaintPipeline", "RAHFAmusedInpaintPipeline")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_rescore_with(value: str) -> str | dict[str, float]:
+    """`"plausibility"` -> itself; `"plausibility=1,aesthetics=0.5"` -> `{"plausibility": 1.0, "aesthetics": 0.5}`."""
+    if "=" not in value:
+        return value.strip()
+    weights: dict[str, float] = {}
+    for part in value.split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"`--rescore_with` must be a score name or name=weight pairs such as 'plausibility=1,aesthetics=0.5', "
+                f"got {value!r}"
+            ) from None
+        if not sep or not name.strip():
+            raise ValueError(f"`--rescore_with`: {part!r} is not name=weight")
+    return weights
+
+
+def rahf_inpaint_class_for(pipe: Any) -> type:
+    """The RAHF inpainting pipeline class that fits `pipe`'s components: aMUSEd (vqvae + transformer) or Stable
+    Diffusion (unet + vae)."""
+    components = getattr(pipe, "components", {})
+    if "vqvae" in components and "transformer" in components:
+        from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+
+        return RAHFAmusedInpaintPipeline
+    if "unet" in components and "vae" in components:
+        from pipelines.rahf_inpaint import RAHFInpaintPipeline
+
+        return RAHFInpaintPipeline
+    raise ValueError(
+        f"`inpainter` must be a Stable Diffusion inpainting or an aMUSEd pipeline, got {type(pipe).__name__} with "
+        f"components {sorted(components)}"
+    )
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`{"dtype": dtype}` for diffusers that renamed `torch_dtype` (0.36+), else `{"torch_dtype": dtype}`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (exists since the rename)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def from_inpaint_pipe(pipe: Any, reward_model: Any, reward_processor: Any) -> Any:
+    """`RAHF*InpaintPipeline.from_pipe(pipe, ...)` for whichever kind of inpainting pipeline `pipe` is, keeping its
+    dtype (`from_pipe` casts every component, shared ones included, to float32 unless told otherwise)."""
+    return rahf_inpaint_class_for(pipe).from_pipe(
+        pipe, reward_model=reward_model, reward_processor=reward_processor, **dtype_kwarg(pipe.dtype)
+    )
+
+
+def load_rahf_inpaint_pipeline(
+    model: str | None, inpainter: str, device: str = "cpu", dtype: torch.dtype | None = None
+) -> Any:
+    """A RAHF inpainting pipeline from a RAHF folder and an inpainting pipeline (folder or hub id).
+
+    `inpainter` may also be a saved RAHF inpainting pipeline, whose own reward model is used unless `model` is given.
+    """
+    from diffusers import DiffusionPipeline
+
+    from rahf import RAHFModel, RAHFProcessor
+
+    kwargs: dict[str, Any] = {} if dtype is None else dtype_kwarg(dtype)
+    reward: dict[str, Any] = {}
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(
+                f"`--model` {model!r} is not a RAHF folder (no config.json); pass the folder written by "
+                "`model.save_pretrained` + `processor.save_pretrained` (e.g. `rahf init-model`)"
+            )
+        reward_model = RAHFModel.from_pretrained(model, dtype=dtype) if dtype else RAHFModel.from_pretrained(model)
+        reward = {"reward_model": reward_model, "reward_processor": RAHFProcessor.from_pretrained(model)}
+    class_name = DiffusionPipeline.load_config(inpainter).get("_class_name")
+    if class_name in _RAHF_PIPELINES:
+        from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+        from pipelines.rahf_inpaint import RAHFInpaintPipeline
+
+        cls = RAHFInpaintPipeline if class_name == "RAHFInpaintPipeline" else RAHFAmusedInpaintPipeline
+        pipe = cls.from_pretrained(inpainter, **reward, **kwargs)
+    else:
+        if model is None:
+            raise ValueError(f"`--model` is required: {inpainter!r} is a {class_name}, which has no reward model")
+        pipe = from_inpaint_pipe(DiffusionPipeline.from_pretrained(inpainter, **kwargs), **reward)
+    return pipe.to(device)
+
+
+def _heatmap_arg(value: str) -> str | np.ndarray:
+    """A heatmap name, or a greyscale PNG (0-255) to use as the heatmap."""
+    path = Path(value)
+    if path.suffix and path.is_file():
+        return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+    return value
+
+
+def write_inpaint_result(
+    out: Any, image: Image.Image, out_dir: str | Path, prompt: str, heatmap_name: str, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Writes the files of `rahf inpaint` for one `RAHFInpaintPipelineOutput` (PIL output); returns result.json."""
+    from pipelines.masks import mask_to_pil
+    from rahf.viz import heatmap_to_image, image_grid, overlay_heatmaps
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out.images[0].save(out_dir / "best.png")
+    heatmap_to_image(out.heatmap).save(out_dir / "heatmap.png")
+    overlay_heatmaps(image, {heatmap_name: out.heatmap}).save(out_dir / "overlay.png")
+    mask_to_pil(out.mask).save(out_dir / "mask.png")
+    best = int(np.argmax(out.candidate_scores)) if out.repaired else None
+    captions = [f"input {out.original_score:.3f}"] + [
+        f"{'*' if k == best else '#'}{k + 1} {s:.3f}" for k, s in enumerate(out.candidate_scores)
+    ]
+    image_grid([image, *out.candidates], cols=min(5, 1 + len(out.candidates)), captions=captions).save(
+        out_dir / "candidates.png"
+    )
+    result = {
+        "prompt": prompt,
+        "repaired": bool(out.repaired),
+        "original_score": float(out.original_score),
+        "candidate_scores": [float(s) for s in out.candidate_scores],
+        "best_candidate": best,
+        "best_score": float(out.candidate_scores[best]) if best is not None else float(out.original_score),
+        "scores": {k: [float(v) for v in vs] for k, vs in (out.scores or {}).items()},
+        "scores_index": "0 is the input, k >= 1 candidate k",
+        "mask_area_fraction": float(np.mean(out.mask)),
+        "mask_pixels": int(np.sum(out.mask)),
+        "heatmap_max": float(np.max(out.heatmap)),
+        "image_size": list(image.size),
+        "settings": settings,
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rahf inpaint",
+        description="Repair what RAHF flags: heatmap -> mask -> K inpainted candidates -> rescore -> best.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="RAHF folder (model + processor); optional when --inpainter is a saved RAHF inpainting pipeline",
+    )
+    parser.add_argument(
+        "--inpainter",
+        required=True,
+        help="Stable Diffusion inpainting or aMUSEd pipeline: a folder "
+        "or a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting)",
+    )
+    parser.add_argument("--image", required=True, help="the image to repair")
+    parser.add_argument("--prompt", required=True, help="its prompt")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--heatmap",
+        default="implausibility",
+        help="implausibility | misalignment | a greyscale PNG at the image's size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="heat in [0, 1] above which to repair (default 40/255)"
+    )
+    parser.add_argument(
+        "--threshold_quantile",
+        type=float,
+        default=None,
+        help="instead of --threshold: repair the heat above this quantile of the map",
+    )
+    parser.add_argument(
+        "--dilation", type=float, default=None, help="mask growth, a fraction of the shorter side (default 0.03)"
+    )
+    parser.add_argument(
+        "--feather",
+        type=float,
+        default=None,
+        help="seam width inside the mask, a fraction of the shorter side (default 0.01)",
+    )
+    parser.add_argument(
+        "--min_area",
+        type=float,
+        default=None,
+        help="drop flagged specks smaller than this fraction of the image (default 0.001)",
+    )
+    parser.add_argument("--num_candidates", type=int, default=4)
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=None, help="default: 50 for Stable Diffusion, 12 for aMUSEd"
+    )
+    parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rescore_with",
+        default="plausibility",
+        help="a score name, or weights such as 'plausibility=1,aesthetics=0.5' (default: %(default)s)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(_DTYPES),
+        help="load the pipeline in this dtype (default: as saved, float32 for most checkpoints)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`rahf inpaint ...` (argv without the subcommand). User mistakes raise ValueError naming the flag."""
+    from pipelines.rahf_inpaint import DEFAULT_MASK_CONFIG
+    from rahf import load_image
+
+    args = build_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image = load_image(args.image)
+    heatmap = _heatmap_arg(args.heatmap)
+    rescore_with = parse_rescore_with(args.rescore_with)
+    if args.threshold is not None and args.threshold_quantile is not None:
+        raise ValueError(
+            f"pass either `--threshold` ({args.threshold}) or `--threshold_quantile` "
+            f"({args.threshold_quantile}), not both"
+        )
+    overrides = {k: getattr(args, k) for k in ("threshold_quantile", "min_area") if getattr(args, k) is not None}
+    if args.threshold_quantile is not None:
+        overrides["threshold"] = None
+    mask_config = dataclasses.replace(DEFAULT_MASK_CONFIG, **overrides)
+
+    pipe = load_rahf_inpaint_pipeline(args.model, args.inpainter, device=device, dtype=_DTYPES.get(args.dtype))
+    call: dict[str, Any] = {
+        "heatmap": heatmap,
+        "threshold": args.threshold,
+        "dilation": args.dilation,
+        "feather": args.feather,
+        "mask_config": mask_config,
+        "num_candidates": args.num_candidates,
+        "rescore_with": rescore_with,
+        "strength": args.strength,
+        "generator": torch.Generator(device="cpu").manual_seed(args.seed),
+    }
+    for name in ("num_inference_steps", "guidance_scale"):
+        if getattr(args, name) is not None:
+            call[name] = getattr(args, name)
+    out = pipe(args.prompt, image, **call)
+
+    resolved = pipe._resolve_mask_config(mask_config, args.threshold, args.dilation, args.feather)
+    settings = {
+        "model": args.model,
+        "inpainter": args.inpainter,
+        "pipeline": type(pipe).__name__,
+        "image": str(args.image),
+        "heatmap": args.heatmap,
+        "mask": dict(dataclasses.asdict(resolved), resolved_threshold=resolved.resolved_threshold),
+        "num_candidates": args.num_candidates,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "strength": args.strength,
+        "seed": args.seed,
+        "rescore_with": rescore_with,
+        "device": device,
+        "dtype": args.dtype,
+    }
+    heatmap_name = args.heatmap if isinstance(heatmap, str) else "heatmap"
+    result = write_inpaint_result(out, image, args.out, args.prompt, heatmap_name, settings)
+    logger.info(
+        "%s: %s (input %.3f, best candidate %s), mask %.1f%% of the image -> %s",
+        args.image,
+        "repaired" if result["repaired"] else "kept the input",
+        result["original_score"],
+        f"{max(result['candidate_scores']):.3f}" if result["candidate_scores"] else "none",
+        100 * result["mask_area_fraction"],
+        args.out,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
