@@ -1,0 +1,872 @@
+"""`rahf train` / `accelerate launch -m rahf.train`: trains RAHF (or a baseline) from a YAML config with accelerate.
+
+One device or many (DDP), gradient accumulation, mixed precision, AdamW or 8-bit AdamW, cosine / rsqrt / constant
+schedules with warm-up, `checkpoint-{step}/` folders pruned to a limit, exact resumption (model, optimizer, scheduler,
+RNG and data position), validation at intervals, a jsonl log (and tensorboard when installed), and the final model and
+processor in `output_dir/final` (loadable by `RichFeedbackPredictor.from_pretrained`).
+
+Examples:
+
+```bash
+rahf train --config configs/train/synth_tiny.yaml --data_dir /tmp/synth --output_dir runs/tiny
+accelerate launch --multi_gpu --num_processes 2 -m rahf.train --config configs/train/richhf18k_base.yaml
+rahf train --config configs/train/synth_tiny.yaml --resume_from_checkpoint latest
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate.tracking import GeneralTracker
+from torch.utils.data import DataLoader, Sampler
+
+from .training_args import RAHFTrainingArguments, parse_training_args
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EpochShuffleSampler",
+    "JsonlTracker",
+    "MODEL_BUILDERS",
+    "build_lr_scheduler",
+    "build_model_and_processor",
+    "build_optimizer",
+    "evaluate",
+    "list_checkpoints",
+    "main",
+    "parameters_checksum",
+    "prune_checkpoints",
+    "register_model_type",
+    "train",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_NAME = "training_state.json"
+CHECKPOINT_MODEL_DIR = "model"
+TRAIN_LOG_NAME = "train_log.jsonl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models: a registry so that baselines plug in by name (`--model_type`)
+
+ModelBuilder = Callable[[RAHFTrainingArguments], tuple[torch.nn.Module, Any]]
+MODEL_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model_type(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Registers `builder(args) -> (model, processor)` under `--model_type name`.
+
+    The model must be a `PreTrainedModel` whose `forward(**batch)` takes the inputs of
+    [`~rahf.data.collate.RAHFCollator`] and returns an output with `loss` (and, when it has them, `heatmaps`,
+    `scores`, `sequence_logits`, `heatmap_loss`, `score_loss`, `sequence_loss` as [`RAHFOutput`] does), and whose
+    config has `heatmap_size`, `score_names` and `heatmap_names`. The processor must be callable like
+    [`RAHFProcessor`] and have `save_pretrained`.
+
+    Examples:
+
+    ```python
+    >>> from rahf.train import register_model_type
+    >>> @register_model_type("resnet50")
+    ... def build_resnet(args):
+    ...     return ResNetRichFeedbackModel(...), processor
+    ```
+    """
+
+    def decorator(builder: ModelBuilder) -> ModelBuilder:
+        MODEL_BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def _resolve_preset(path: str) -> Path:
+    """A model preset path: as given (relative to the working directory), else relative to the source checkout."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if not candidate.is_absolute() and (REPO_ROOT / candidate).is_file():
+        return REPO_ROOT / candidate
+    raise ValueError(
+        f"`model_config` {path!r} is not a file; pass a configs/model/*.json preset (e.g. configs/model/tiny.json)"
+    )
+
+
+@register_model_type("rahf")
+def _build_rahf(args: RAHFTrainingArguments):
+    from .configuration_rahf import RAHFConfig
+    from .modeling_rahf import RAHFModel
+    from .processing_rahf import RAHFProcessor
+
+    if args.pretrained_model_name_or_path:
+        model = RAHFModel.from_pretrained(args.pretrained_model_name_or_path)
+        if args.variant is not None and args.variant != model.config.variant:
+            raise ValueError(
+                f"`variant`={args.variant!r} but {args.pretrained_model_name_or_path!r} is a {model.config.variant!r} "
+                "model: the heads differ, so drop --variant or start from --model_config"
+            )
+        return model, RAHFProcessor.from_pretrained(args.pretrained_model_name_or_path)
+    if not args.model_config:
+        raise ValueError("pass `--model_config` (a configs/model/*.json preset) or `--pretrained_model_name_or_path`")
+    preset = json.loads(_resolve_preset(args.model_config).read_text())
+    if args.variant is not None:
+        preset["variant"] = args.variant
+    config = RAHFConfig.from_dict(preset)
+    if config.vision_model_name_or_path or config.text_model_name_or_path:
+        model = RAHFModel.from_pretrained_towers(config)
+    else:
+        model = RAHFModel(config)
+    return model, RAHFProcessor.from_config(model.config)
+
+
+def build_model_and_processor(args: RAHFTrainingArguments) -> tuple[torch.nn.Module, Any]:
+    """The model and processor that `--model_type` names: RAHF (default) or a trainable baseline of rahf.baselines."""
+    if args.model_type in MODEL_BUILDERS:
+        return MODEL_BUILDERS[args.model_type](args)
+    # Looked up here rather than registered on import: under `python -m rahf.train` this module runs as __main__,
+    # so a registry filled by importing rahf.baselines would be another module's.
+    from .baselines import TRAINABLE_MODEL_TYPES, build_trainable
+
+    if args.model_type in TRAINABLE_MODEL_TYPES:
+        return build_trainable(args.model_type, args.model_config, args.seed, args.pretrained_model_name_or_path)
+    raise ValueError(
+        f"unknown `model_type` {args.model_type!r}; known model types: {sorted([*MODEL_BUILDERS, *TRAINABLE_MODEL_TYPES])}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data order, optimizer, schedules
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of `range(num_samples)` that depends only on (seed, epoch): the same on every process
+    and after a resume, whatever else consumed random numbers. Call `set_epoch` before each epoch."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def build_optimizer(model: torch.nn.Module, args: RAHFTrainingArguments, learning_rate: float):
+    """AdamW (or bitsandbytes AdamW8bit); no weight decay on biases and normalisation weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": args.adam_weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError(
+                "`use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or `pip install rahf[bnb]`)"
+            ) from err
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _per_optimizer_step(step: float, *, factor: Callable[[float], float], num_processes: int) -> float:
+    # accelerate steps a prepared scheduler once per process at each optimizer step (split_batches=False).
+    return factor(step / num_processes)
+
+
+def _warmup(step: float, warmup: int) -> float | None:
+    return step / warmup if step < warmup else None
+
+
+def _cosine_factor(step: float, *, warmup: int, total: int, floor: float) -> float:
+    ramp = _warmup(step, warmup)
+    if ramp is not None:
+        return ramp
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rsqrt_factor(step: float, *, warmup: int, timescale: int) -> float:
+    ramp = _warmup(step, warmup)
+    if ramp is not None:
+        return ramp
+    return math.sqrt(timescale / (step + timescale - warmup))
+
+
+def _constant_factor(step: float, *, warmup: int) -> float:
+    ramp = _warmup(step, warmup)
+    return 1.0 if ramp is None else ramp
+
+
+def _linear_factor(step: float, *, warmup: int, total: int) -> float:
+    ramp = _warmup(step, warmup)
+    return ramp if ramp is not None else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    lr_end: float = 0.0,
+    num_processes: int = 1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule, in optimizer steps, with a linear warm-up from 0 to the optimizer's lr (the peak).
+
+    - `cosine`: half a cosine from the peak down to `lr_end` at `num_training_steps` (the re-implementation's
+      2e-5 -> 1e-5), then flat;
+    - `rsqrt`: T5X-style reciprocal square root, `peak * sqrt(warmup / step)` after warm-up (with no warm-up,
+      `peak * sqrt(10_000 / (step + 10_000))`);
+    - `constant`: the peak after warm-up; `linear`: linear decay to 0 at `num_training_steps`.
+
+    The factors are module-level functions under `functools.partial`, so the scheduler pickles and its state dict
+    (saved in checkpoints) holds only step counts: a resumed run may change the schedule's length. Pass
+    `num_processes` when accelerate prepares the scheduler: it then steps it once per process per optimizer step.
+    """
+    peak = optimizer.defaults["lr"]
+    if name == "cosine":
+        factor = partial(_cosine_factor, warmup=num_warmup_steps, total=num_training_steps, floor=lr_end / peak)
+    elif name == "rsqrt":
+        factor = partial(_rsqrt_factor, warmup=num_warmup_steps, timescale=num_warmup_steps or 10_000)
+    elif name == "constant":
+        factor = partial(_constant_factor, warmup=num_warmup_steps)
+    elif name == "linear":
+        factor = partial(_linear_factor, warmup=num_warmup_steps, total=num_training_steps)
+    else:
+        raise ValueError(f"unknown `lr_scheduler` {name!r}; choose cosine, rsqrt, constant or linear")
+    if num_processes != 1:
+        factor = partial(_per_optimizer_step, factor=factor, num_processes=num_processes)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class JsonlTracker(GeneralTracker):
+    """An accelerate tracker that appends one JSON object per `accelerator.log` call to a file.
+
+    Examples:
+
+    ```python
+    >>> accelerator = Accelerator(log_with=[JsonlTracker("out/logs/train_log.jsonl")])
+    >>> accelerator.init_trackers("rahf")
+    >>> accelerator.log({"loss": 0.5}, step=10)  # appends {"step": 10, "loss": 0.5}
+    ```
+    """
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _trackers(args: RAHFTrainingArguments, logging_dir: Path) -> list:
+    from accelerate.utils import is_tensorboard_available
+
+    trackers: list = []
+    if args.report_to in ("jsonl", "all"):
+        trackers.append(JsonlTracker(logging_dir / TRAIN_LOG_NAME))
+    if args.report_to in ("tensorboard", "all"):
+        if is_tensorboard_available():
+            trackers.append("tensorboard")
+        else:
+            logger.warning(
+                "report_to=%s: tensorboard is not installed, skipping it (pip install tensorboard)", args.report_to
+            )
+    return trackers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-{step}` folders of `output_dir`, oldest (smallest step) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Deletes the oldest checkpoints so that at most `keep` remain; returns the deleted folders."""
+    checkpoints = list_checkpoints(output_dir)
+    doomed = checkpoints[: max(0, len(checkpoints) - keep)]
+    for path in doomed:
+        shutil.rmtree(path)
+    if doomed:
+        logger.info("deleted %d old checkpoint(s): %s", len(doomed), ", ".join(p.name for p in doomed))
+    return doomed
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keeps the records of a jsonl log up to `step`; a fresh run (`step` 0) starts an empty log."""
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(line + "\n" for line in lines if (json.loads(line).get("step") or 0) <= step))
+
+
+def _checkpoint_step(path: Path) -> int:
+    state_file = path / TRAINING_STATE_NAME
+    if state_file.is_file():
+        return int(json.loads(state_file.read_text())["global_step"])
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+    if not match:
+        raise ValueError(
+            f"`resume_from_checkpoint` {str(path)!r} has no {TRAINING_STATE_NAME} and is not named "
+            f"{CHECKPOINT_PREFIX}<step>; pass a folder written by rahf train"
+        )
+    return int(match.group(1))
+
+
+def _resume_path(args: RAHFTrainingArguments) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", args.output_dir)
+            return None
+        return checkpoints[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        raise ValueError(
+            f"`resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a folder; pass 'latest' or a "
+            f"{CHECKPOINT_PREFIX}<step> folder written by rahf train"
+        )
+    return path
+
+
+def parameters_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in name order: equal checksums mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _plcc(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _keyword_rows(batch: dict[str, Any], config) -> torch.Tensor:
+    """Which image each row of `sequence_logits` belongs to (one keyword row per image)."""
+    image_index = batch["image_index"]
+    if "task_ids" in batch and batch["task_ids"] is not None:
+        from .configuration_rahf import KEYWORDS_TASK
+
+        return image_index[batch["task_ids"] == config.task_names.index(KEYWORDS_TASK)]
+    return image_index
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataloader, accelerator, config) -> dict[str, float]:
+    """Mean losses per head on `dataloader` (every process, gathered) and the PLCC of each score."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in dataloader:
+        batch.pop("uid", None)
+        out = model(**batch)
+        size = batch["pixel_values"].shape[0]
+        per_sample: dict[str, torch.Tensor] = {}
+        if getattr(out, "heatmaps", None) is not None and "heatmap_labels" in batch:
+            err = (out.heatmaps.float() - batch["heatmap_labels"].float()) ** 2
+            per_sample["heatmap_se"] = err.flatten(1).mean(1)  # (B,)
+        if getattr(out, "scores", None) is not None and "score_labels" in batch:
+            per_sample["scores"] = out.scores.float()  # (B, num_scores)
+            per_sample["score_labels"] = batch["score_labels"].float()
+        if getattr(out, "sequence_logits", None) is not None and "labels" in batch:
+            rows = _keyword_rows(batch, config)
+            labels = batch["labels"][rows]  # (R_k, T)
+            ce = F.cross_entropy(
+                out.sequence_logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            ).sum(1)  # (R_k,)
+            tokens = (labels != -100).sum(1).float()
+            per_sample["seq_ce"] = ce.new_zeros(size).index_add(0, rows, ce)
+            per_sample["seq_tokens"] = tokens.new_zeros(size).index_add(0, rows, tokens)
+        for key, value in accelerator.gather_for_metrics(per_sample).items():
+            parts.setdefault(key, []).append(value.cpu())
+    if was_training:
+        model.train()
+    cat = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    metrics: dict[str, float] = {}
+    total = 0.0
+    if "heatmap_se" in cat:
+        metrics["heatmap_loss"] = float(cat["heatmap_se"].mean())
+        total += getattr(config, "heatmap_loss_weight", 1.0) * metrics["heatmap_loss"]
+    if "scores" in cat:
+        pred, gt = cat["scores"], cat["score_labels"]
+        known = ~np.isnan(pred)
+        metrics["score_loss"] = float(((pred[known] - gt[known]) ** 2).mean())
+        total += getattr(config, "score_loss_weight", 1.0) * metrics["score_loss"]
+        for j, name in enumerate(getattr(config, "score_names", [])):
+            metrics[f"plcc_{name}"] = _plcc(pred[:, j], gt[:, j])
+    if "seq_ce" in cat:
+        metrics["sequence_loss"] = float(cat["seq_ce"].sum() / max(cat["seq_tokens"].sum(), 1.0))
+        total += getattr(config, "sequence_loss_weight", 1.0) * metrics["sequence_loss"]
+    metrics["loss"] = total
+    metrics["num_samples"] = int(len(next(iter(cat.values())))) if cat else 0
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDP helpers
+
+
+def _distributed_without_accelerator() -> bool:
+    """Launched as several processes (WORLD_SIZE > 1) on a machine with no GPU or other accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None:
+        return not accelerator_api.is_available()
+    return not torch.cuda.is_available()
+
+
+def _unused_parameters(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> list[str]:
+    """Names of trainable parameters that get no gradient from one forward/backward on `batch`."""
+    model.to(device)
+    model.train()
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "uid"}
+    model(**inputs).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: RAHFTrainingArguments) -> dict[str, Any]:
+    """Runs one training job; returns a summary (`global_step`, `final_dir`, last `validation` metrics)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from .data.collate import RAHFCollator
+    from .data.schema import load_rich_feedback
+    from .data.training import RichFeedbackTorchDataset
+
+    if not args.data_dir:
+        raise ValueError("pass `--data_dir` (a canonical data set folder, e.g. from `rahf data synth --out DIR`)")
+    output_dir = Path(args.output_dir)
+    logging_dir = output_dir / args.logging_dir
+    if args.dataloader_num_workers > 0:
+        # The collator tokenizes in forked workers after the main process has used the tokenizer.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # `accelerate launch --multi_gpu` on a machine without accelerators (CI, our CPU boxes) must use gloo on CPU.
+    state = PartialState(cpu=_distributed_without_accelerator())  # the process group, before anything else
+    if not state.is_local_main_process:
+        logger.setLevel(logging.WARNING)  # one copy of the progress messages, not one per process
+
+    # 1. Model, processor and data (the same initial weights on every process).
+    set_seed(args.seed)
+    model, processor = build_model_and_processor(args)
+    config = model.config
+    if args.gradient_checkpointing:
+        # transformers v5 renamed it; v4-style models only have the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    data = load_rich_feedback(args.data_dir)
+    if args.train_split not in data or len(data[args.train_split]) == 0:
+        raise ValueError(
+            f"`train_split` {args.train_split!r} is missing or empty in {args.data_dir!r} "
+            f"(splits: { {k: len(v) for k, v in data.items()} })"
+        )
+    train_split = data[args.train_split]
+    if args.max_train_samples:
+        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+    train_dataset = RichFeedbackTorchDataset(
+        train_split, heatmap_size=config.heatmap_size, augment=args.augment, seed=args.seed
+    )
+    eval_dataset = None
+    if args.validation_split and args.validation_split in data and len(data[args.validation_split]):
+        eval_split = data[args.validation_split]
+        if args.max_eval_samples:
+            eval_split = eval_split.select(range(min(args.max_eval_samples, len(eval_split))))
+        eval_dataset = RichFeedbackTorchDataset(eval_split, heatmap_size=config.heatmap_size)
+    elif args.validation_split:
+        logger.warning("no %r split in %s: training without validation", args.validation_split, args.data_dir)
+    collator = RAHFCollator(processor, config.score_names, config.heatmap_names)
+
+    # 2. DDP needs find_unused_parameters only when some trainable parameter gets no gradient (e.g. a CLIP tower's
+    # post-layernorm): check once on a real batch rather than pay for the search every step.
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None and state.num_processes > 1:
+        unused = _unused_parameters(model, collator([train_dataset[0]]), state.device)
+        find_unused = bool(unused)
+        if unused and state.is_main_process:
+            logger.info(
+                "%d parameter(s) get no gradient (e.g. %s): DDP runs with find_unused_parameters=True",
+                len(unused),
+                unused[:3],
+            )
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        cpu=state.device.type == "cpu",
+        log_with=_trackers(args, logging_dir),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(logging_dir), automatic_checkpoint_naming=False
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))],
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # 3. Checkpoints hold a save_pretrained copy of the model (and the processor), loadable on its own.
+    def save_model_hook(models, weights, ckpt_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                target = Path(ckpt_dir) / CHECKPOINT_MODEL_DIR
+                accelerator.unwrap_model(m).save_pretrained(target)
+                processor.save_pretrained(target)
+        weights.clear()  # saved above: accelerate need not write the weights a second time
+
+    def load_model_hook(models, ckpt_dir):
+        while models:
+            target = accelerator.unwrap_model(models.pop())
+            loaded = type(target).from_pretrained(Path(ckpt_dir) / CHECKPOINT_MODEL_DIR)
+            target.load_state_dict(loaded.state_dict())  # strict: a mismatch is an error, never silently skipped
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # 4. Data loaders. The sampler's order depends on (seed, epoch) only; loaders have their own generators, so that
+    # building an iterator never draws from the global RNG that dropout uses (a resumed run must see the same draws).
+    sampler = EpochShuffleSampler(len(train_dataset), seed=args.seed)
+    pin = accelerator.device.type == "cuda"
+    train_dataloader = DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_dataloader = None
+    if eval_dataset is not None:
+        eval_dataloader = DataLoader(
+            eval_dataset,
+            batch_size=args.eval_batch_size,
+            shuffle=False,
+            collate_fn=collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = build_optimizer(model, args, learning_rate)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if eval_dataloader is not None:
+        eval_dataloader = accelerator.prepare(eval_dataloader)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    else:
+        max_train_steps = args.max_train_steps
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = build_lr_scheduler(
+        optimizer,
+        args.lr_scheduler,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        lr_end=args.lr_end * (learning_rate / args.learning_rate),
+        num_processes=accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        "training %s (%s, %.1fM parameters) on %d records x %d epochs = %d steps; batch %d per device x %d "
+        "process(es) x %d accumulation = %d",
+        args.model_type,
+        getattr(config, "variant", "-"),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        len(train_dataset),
+        num_train_epochs,
+        max_train_steps,
+        args.train_batch_size,
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+        total_batch_size,
+    )
+
+    # 5. Resume: model, optimizer, scheduler, RNG states and the accumulation counter from the checkpoint; the data
+    # position from its step.
+    global_step = 0
+    resume_from = _resume_path(args)
+    if resume_from is not None:
+        logger.info("resuming from %s", resume_from)
+        accelerator.load_state(str(resume_from))
+        global_step = _checkpoint_step(resume_from)
+        saved = resume_from / TRAINING_STATE_NAME
+        if saved.is_file():
+            recorded = json.loads(saved.read_text()).get("num_update_steps_per_epoch")
+            if recorded is not None and recorded != num_update_steps_per_epoch:
+                logger.warning(
+                    "the checkpoint was written with %d steps per epoch, this run has %d (batch size, processes or "
+                    "data changed): the data position after resuming is approximate",
+                    recorded,
+                    num_update_steps_per_epoch,
+                )
+    if accelerator.is_main_process:
+        # A fresh run starts a fresh log; a resumed one drops what the interrupted run logged after its checkpoint.
+        _truncate_log(logging_dir / TRAIN_LOG_NAME, global_step)
+        accelerator.init_trackers(
+            "rahf",
+            config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()},
+        )
+    first_epoch = global_step // num_update_steps_per_epoch
+    resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    # Dropout and other draws continue from the restored RNG states; on a fresh run, each process gets its own.
+    if resume_from is None:
+        set_seed(args.seed, device_specific=True)
+
+    sync_dir = output_dir / "debug_sync"
+    if args.debug_check_sync:
+        sync_dir.mkdir(parents=True, exist_ok=True)
+        sync_file = sync_dir / f"rank{accelerator.process_index}.jsonl"
+        if resume_from is None and sync_file.exists():
+            sync_file.unlink()
+
+    def save_checkpoint(step: int, epoch: int) -> None:
+        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+            prune_checkpoints(output_dir, keep=args.checkpoints_total_limit - 1)  # make room, as diffusers does
+        path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        accelerator.save_state(str(path))  # every process: each writes its own RNG state
+        if accelerator.is_main_process:
+            (path / TRAINING_STATE_NAME).write_text(
+                json.dumps(
+                    {
+                        "global_step": step,
+                        "epoch": epoch,
+                        "num_update_steps_per_epoch": num_update_steps_per_epoch,
+                        "max_train_steps": max_train_steps,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        accelerator.wait_for_everyone()
+        logger.info("saved %s", path)
+
+    def run_validation(step: int) -> dict[str, float]:
+        # Validation must not shift the training run's random stream, or a resumed run would diverge.
+        devices = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            start = time.perf_counter()
+            metrics = evaluate(model, eval_dataloader, accelerator, config)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        logger.info(
+            "step %d validation (%.1fs): %s",
+            step,
+            time.perf_counter() - start,
+            ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+        )
+        return metrics
+
+    progress = tqdm(
+        range(max_train_steps),
+        initial=global_step,
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    head_names = ("loss", "heatmap_loss", "score_loss", "sequence_loss")
+    sums = torch.zeros(len(head_names), dtype=torch.float64)
+    counts = torch.zeros(len(head_names), dtype=torch.float64)
+    step_uids: list[str] = []
+    grad_norm = None
+    last_validation: dict[str, float] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    start_time = time.perf_counter()
+
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        train_dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            loader.set_epoch(epoch)
+        for batch in loader:
+            uids = batch.pop("uid", None) or []
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for i, name in enumerate(head_names):
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    sums[i] += value.detach().float().item()
+                    counts[i] += 1
+            step_uids += [str(u) for u in uids]
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            progress.update(1)
+            if args.debug_check_sync:
+                with sync_file.open("a") as f:
+                    f.write(
+                        json.dumps(
+                            {
+                                "step": global_step,
+                                "sha256": parameters_checksum(accelerator.unwrap_model(model)),
+                                "uids": step_uids,
+                            }
+                        )
+                        + "\n"
+                    )
+            step_uids = []
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step, epoch)
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                totals = accelerator.reduce(torch.stack([sums, counts]).to(accelerator.device), reduction="sum").cpu()
+                record = {
+                    name: float(totals[0, i] / totals[1, i]) for i, name in enumerate(head_names) if totals[1, i] > 0
+                }
+                record.update(epoch=epoch, lr=lr_scheduler.get_last_lr()[0])
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                accelerator.log(record, step=global_step)
+                progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
+                sums.zero_()
+                counts.zero_()
+            if eval_dataloader is not None and args.validation_steps and global_step % args.validation_steps == 0:
+                last_validation = run_validation(global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+
+    # 6. The last validation, and the final model and processor.
+    if eval_dataloader is not None and (not args.validation_steps or global_step % args.validation_steps):
+        last_validation = run_validation(global_step)
+    accelerator.wait_for_everyone()
+    final_dir = output_dir / "final"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(final_dir)
+        processor.save_pretrained(final_dir)
+        (final_dir / "training_summary.json").write_text(
+            json.dumps(
+                {
+                    "global_step": global_step,
+                    "train_seconds": time.perf_counter() - start_time,
+                    "validation": {k: _json_value(v) for k, v in last_validation.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        logger.info(
+            "saved the final model to %s (%d steps, %.0fs)", final_dir, global_step, time.perf_counter() - start_time
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.free_memory()
+    return {"global_step": global_step, "final_dir": str(final_dir), "validation": last_validation}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `rahf train` and `python -m rahf.train` / `accelerate launch -m rahf.train`."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_training_args(argv)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Arguments of `rahf train`: one dataclass, read from a YAML file (`--config`) with command-line flags on top.
+
+Flag names follow diffusers' training scripts (`--output_dir`, `--train_batch_size`, `--learning_rate`,
+`--lr_scheduler`, `--lr_warmup_steps`, `--adam_beta1`, `--use_8bit_adam`, `--mixed_precision`, `--checkpointing_steps`,
+`--checkpoints_total_limit`, `--resume_from_checkpoint latest`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LR_SCHEDULERS", "MIXED_PRECISIONS", "REPORT_TO", "RAHFTrainingArguments", "parse_training_args"]
+
+LR_SCHEDULERS = ("cosine", "rsqrt", "constant", "linear")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("jsonl", "tensorboard", "all")
+
+
+@dataclass
+class RAHFTrainingArguments:
+    """Everything `rahf train` needs. Each field is a `--flag`; a YAML file given with `--config` sets defaults."""
+
+    # ---- where things are
+    config: str | None = field(
+        default=None, metadata={"help": "YAML file of arguments (keys = flag names); flags on the command line win"}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "canonical data set folder (`rahf data synth|convert-richhf|consolidate`)"}
+    )
+    output_dir: str = field(
+        default="rahf-output",
+        metadata={"help": "checkpoints (checkpoint-{step}/), logs/ and the final model (final/)"},
+    )
+    logging_dir: str = field(default="logs", metadata={"help": "log folder, relative to output_dir"})
+
+    # ---- the model
+    model_type: str = field(
+        default="rahf", metadata={"help": "which model to train (rahf, or a baseline registered in rahf.train)"}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "a configs/model/*.json preset (pretrained towers are loaded when it names them)"},
+    )
+    pretrained_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "start from a saved model folder (save_pretrained) instead of --model_config"}
+    )
+    variant: str | None = field(
+        default=None, metadata={"help": "override the preset's variant: multi_head or augmented_prompt"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass to save memory"}
+    )
+
+    # ---- data
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    validation_split: str | None = field(
+        default="validation", metadata={"help": "split to validate on ('none': no validation)"}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation records"})
+    augment: bool = field(
+        default=False, metadata={"help": "random crop, colour jitter, JPEG and greyscale (REFERENCE.md)"}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes (0: main)"})
+
+    # ---- schedule
+    num_train_epochs: int = field(default=1, metadata={"help": "epochs (ignored when max_train_steps is set)"})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps in total; overrides num_train_epochs"}
+    )
+    train_batch_size: int = field(default=8, metadata={"help": "images per device per micro-batch"})
+    eval_batch_size: int = field(default=16, metadata={"help": "images per device in validation"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+
+    # ---- optimizer
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (after warm-up)"})
+    scale_lr: bool = field(
+        default=False, metadata={"help": "multiply learning_rate by batch size x accumulation x processes"}
+    )
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine (to lr_end), rsqrt (T5X-style lr*sqrt(warmup/step) after warm-up), constant or linear",
+            "choices": list(LR_SCHEDULERS),
+        },
+    )
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (optimizer steps)"})
+    lr_end: float = field(default=0.0, metadata={"help": "cosine: the learning rate at the last step"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_weight_decay: float = field(
+        default=1e-2, metadata={"help": "AdamW weight decay (not applied to biases and norm weights)"}
+    )
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit (pip install bitsandbytes)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
+
+    # ---- precision, reproducibility
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "no, fp16 or bf16; default: what `accelerate launch` / `accelerate config` says",
+            "choices": list(MIXED_PRECISIONS),
+        },
+    )
+    allow_tf32: bool = field(default=False, metadata={"help": "TF32 matmuls on Ampere+ GPUs"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order, augmentation and dropout"})
+
+    # ---- checkpoints, validation, logs
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "save a checkpoint-{step}/ every N steps (0: never)"}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "keep at most N checkpoint-*/ folders (the oldest are deleted)"}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (the newest checkpoint-* in output_dir, if any) or a checkpoint path"},
+    )
+    validation_steps: int | None = field(
+        default=None, metadata={"help": "validate every N steps (always at the end, when there is a validation split)"}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "write a log line every N steps"})
+    report_to: str = field(
+        default="jsonl",
+        metadata={
+            "help": "jsonl (logs/train_log.jsonl), tensorboard (when installed) or all",
+            "choices": list(REPORT_TO),
+        },
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=None,
+        metadata={"help": "DDP: look for parameters without gradients each step (default: only when needed)"},
+    )
+    debug_check_sync: bool = field(
+        default=False,
+        metadata={"help": "each process writes a checksum of its weights after each step (output_dir/debug_sync)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.validation_split in ("", "none", "None"):
+            self.validation_split = None
+        positive = (
+            "train_batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "num_train_epochs",
+            "logging_steps",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        for name in (
+            "max_train_steps",
+            "validation_steps",
+            "checkpoints_total_limit",
+            "max_train_samples",
+            "max_eval_samples",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int or unset, got {value!r}")
+        for name in ("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}")
+        if not 0 <= self.lr_end <= self.learning_rate:
+            raise ValueError(f"`lr_end` must lie in [0, learning_rate={self.learning_rate}], got {self.lr_end!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"`lr_scheduler` must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(
+                f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
+            )
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"`report_to` must be one of {list(REPORT_TO)}, got {self.report_to!r}")
+        if self.variant is not None and self.variant not in ("multi_head", "augmented_prompt"):
+            raise ValueError(f"`variant` must be multi_head or augmented_prompt, got {self.variant!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"`max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parser() -> HfArgumentParser:
+    return HfArgumentParser(RAHFTrainingArguments, prog="rahf train", description="Train RAHF (or a baseline).")
+
+
+def _coerce(parser: HfArgumentParser, key: str, value: Any, source: str) -> Any:
+    """A YAML value -> the flag's type (YAML reads `1e-3` as a string, and `yes` as a bool)."""
+    action = parser._option_string_actions[f"--{key}"]
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: `{key}: {value!r}` is not a valid value ({err})") from err
+    elif isinstance(value, int) and not isinstance(value, bool) and action.type is float:
+        value = float(value)
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise ValueError(f"{source}: `{key}` must be one of {list(action.choices)}, got {value!r}")
+    return value
+
+
+def load_yaml_defaults(path: str | Path, parser: HfArgumentParser | None = None) -> dict[str, Any]:
+    """Reads a training YAML and checks its keys and values against the flags."""
+    parser = parser or _parser()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`--config` {str(path)!r} is not a file; pass a YAML such as configs/train/synth_tiny.yaml")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(RAHFTrainingArguments)} - {"config"}
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{path}: unknown key {key!r}{hint}; the keys are the flags of `rahf train --help`")
+        out[key] = _coerce(parser, key, value, str(path))
+    return out
+
+
+def parse_training_args(argv: list[str] | None = None) -> RAHFTrainingArguments:
+    """`--config file.yaml` gives the defaults, the other flags override them.
+
+    Examples:
+
+    ```python
+    >>> args = parse_training_args(["--config", "configs/train/synth_tiny.yaml", "--max_train_steps", "10"])
+    ```
+    """
+    parser = _parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
