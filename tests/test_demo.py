@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from rahf import RichFeedbackPredictor
+from rahf.demo import run_demo
+
+NAMES = ["rahf_multi_head", "rahf_augmented_prompt", "rahf_untrained", "resnet50", "center_prior"]
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_whole_report(tmp_path):
+    report = run_demo(tmp_path, quick=True)
+    text = report.read_text()
+    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Repair", "guidance", "Best-of-N", "Time"):
+        assert heading in text, heading
+    for name in NAMES:
+        metrics = json.loads((tmp_path / "eval" / name / "metrics.json").read_text())
+        assert set(metrics) == {"scores", "implausibility_heatmap", "misalignment_heatmap", "keywords"}
+    for name in ("rahf_multi_head", "rahf_augmented_prompt", "rahf_untrained"):
+        predictor = RichFeedbackPredictor.from_pretrained(tmp_path / "models" / name)
+        assert predictor.model.config.variant in ("multi_head", "augmented_prompt")
+    assert json.loads((tmp_path / "eval" / "center_prior" / "metrics.json").read_text())["keywords"] is None
+    # the sections carry numbers, not placeholders
+    guidance = text[text.index("Classifier guidance"):text.index("Best-of-N")]
+    assert "| 0.0 |" in guidance and "n/a" not in guidance
+    # every picture the report links to exists
+    for line in text.splitlines():
+        if line.startswith("![") and "](" in line:
+            assert (tmp_path / line.split("](")[1].rstrip(")")).is_file(), line
