@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle above a blue square on a wooden table, highly detailed photo"
 
 
-def build(size: str, variant: str, device: str) -> RichFeedbackPredictor:
+def build(size: str, variant: str, device: str, dtype: torch.dtype = torch.float32) -> RichFeedbackPredictor:
     config = RAHFConfig.from_json_file(ROOT / "configs" / "model" / f"{size}.json")
     config = RAHFConfig.from_dict({**config.to_dict(), "variant": variant, "vision_model_name_or_path": None,
                                    "text_model_name_or_path": None})  # random towers: no hub needed
     torch.manual_seed(0)
-    model = RAHFModel(config)
+    model = RAHFModel(config).to(dtype)
     processor = RAHFProcessor.from_config(config, tokenizer=build_offline_tokenizer(1024))
     return RichFeedbackPredictor(model, processor, device=device, batch_size=8, max_new_tokens=16)
 
@@ -65,20 +65,24 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"device={args.device} ({name}) dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'size':5} {'batch':>5} {'multi img/s':>12} {'augm img/s':>11} {'ratio m/a':>10} {'FLOP floor':>11}")
     for size in args.sizes:
-        batch, repeats = (16, 5) if size == "tiny" else (1, 2)
+        on_gpu = args.device.startswith("cuda")
+        batch, repeats = (16, 5) if size == "tiny" else ((8, 5) if on_gpu else (1, 2))
         images = [Image.new("RGB", (512, 512), (i * 10 % 255, 80, 160)) for i in range(batch)]
         prompts = [PROMPT] * batch
         row = {"size": size, "batch": batch}
         for variant in ("multi_head", "augmented_prompt"):
-            predictor = build(size, variant, args.device)
+            predictor = build(size, variant, args.device, dtype)
             row[variant] = time_call(predictor, images, prompts, repeats)
             row[f"{variant}_gflops"], row[f"{variant}_vision_gflops"] = (
                 x / 1e9 for x in flops_per_image(predictor, images[:1], prompts[:1])
