@@ -149,52 +149,17 @@ class RAHFAmusedInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
         step = 2 * f if getattr(self.transformer.config, "downsample", False) else f
         return math.lcm(f * f, step)
 
-    def check_inputs(
-        self,
-        prompt: Any,
-        image: Any,
-        heatmap: Any,
-        num_candidates: Any,
-        rescore_with: Any,
-        mask_config: Any,
-        threshold: Any,
-        dilation: Any,
-        feather: Any,
-        strength: Any,
-        num_inference_steps: Any,
-        height: Any,
-        width: Any,
-        generator: Any,
-        output_type: Any,
-    ) -> tuple[PIL.Image.Image, MaskConfig, dict[str, float], tuple[int, int]]:
-        rgb, config, weights = self._check_reward_inputs(
-            prompt,
-            image,
-            heatmap,
-            num_candidates,
-            rescore_with,
-            mask_config,
-            threshold,
-            dilation,
-            feather,
-            generator,
-            output_type,
-        )
+    def _check_generator_inputs(self, generator: Any, callback_on_step_end_tensor_inputs: Any) -> None:
+        if not all(k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs} for aMUSEd, got "
+                f"{callback_on_step_end_tensor_inputs}"
+            )
         if isinstance(generator, list):
             raise ValueError(
                 "`generator` must be one torch.Generator for aMUSEd (its scheduler samples all K "
                 "candidates from one), got a list"
             )
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}")
-        gen_size = self._generation_size(rgb.size, self.generation_multiple, height, width)
-        return rgb, config, weights, gen_size
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -244,11 +209,6 @@ class RAHFAmusedInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
         """
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        if not all(k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs} for aMUSEd, got "
-                f"{callback_on_step_end_tensor_inputs}"
-            )
 
         # 0. Check inputs
         image, config, weights, gen_size = self.check_inputs(
@@ -267,55 +227,35 @@ class RAHFAmusedInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
             width,
             generator,
             output_type,
+            callback_on_step_end_tensor_inputs,
         )
 
-        # 1. Predict the heatmap with RAHF (and the input's scores, from the same pass)
-        heat, input_scores = self._predict_heatmap(image, prompt, heatmap, weights)
+        # 4. Map the mask to VQ tokens and inpaint all K candidates in one batched aMUSEd call (steps 1-3 and 5-7:
+        # `_repair`)
+        def generate(gen_image: PIL.Image.Image, gen_mask: np.ndarray) -> list[PIL.Image.Image]:
+            token_mask = pixel_mask_to_token_mask(gen_mask, self.vae_scale_factor)
+            inpainter = self.inpaint_pipeline()
+            callback = None
+            if callback_on_step_end is not None:
 
-        # 2. Build the mask: threshold, drop specks, dilate
-        mask = self._build_mask(heat, config, image.size)
+                def callback(step: int, timestep: int, latents: torch.Tensor) -> None:
+                    callback_on_step_end(inpainter, step, timestep, {"latents": latents})
 
-        # 3. Nothing flagged: return the input untouched, without running the generator
-        if not mask.any():
-            logger.info("the mask is empty (no heat above the threshold): returning the input unrepaired")
-            per_name = {name: [float(input_scores[name])] for name in weights}
-            self.maybe_free_model_hooks()
-            return self._output(
-                image, [], [self._combine(input_scores, weights)], per_name, heat, mask, output_type, return_dict
-            )
+            return inpainter(
+                prompt=prompt,
+                image=gen_image,
+                # At the token grid's size, so aMUSEd's resize to it is the identity and its binarisation keeps our
+                # tokens.
+                mask_image=PIL.Image.fromarray(token_mask.astype(np.uint8) * 255),
+                strength=strength,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_candidates,
+                generator=generator,
+                output_type="pil",
+                cross_attention_kwargs=cross_attention_kwargs,
+                callback=callback,
+            ).images
 
-        # 4. Map the mask to VQ tokens and inpaint all K candidates in one batched aMUSEd call
-        gen_image, gen_mask = self._generation_inputs(image, mask, gen_size)
-        token_mask = pixel_mask_to_token_mask(gen_mask, self.vae_scale_factor)
-        inpainter = self.inpaint_pipeline()
-        callback = None
-        if callback_on_step_end is not None:
-
-            def callback(step: int, timestep: int, latents: torch.Tensor) -> None:
-                callback_on_step_end(inpainter, step, timestep, {"latents": latents})
-
-        generated = inpainter(
-            prompt=prompt,
-            image=gen_image,
-            # At the token grid's size, so aMUSEd's resize to it is the identity and its binarisation keeps our tokens.
-            mask_image=PIL.Image.fromarray(token_mask.astype(np.uint8) * 255),
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_candidates,
-            generator=generator,
-            output_type="pil",
-            cross_attention_kwargs=cross_attention_kwargs,
-            callback=callback,
-        ).images
-
-        # 5. Paste the input back outside the mask (feathered seam inside the mask only)
-        candidates = self._composite(image, generated, mask, config.feather)
-
-        # 6. Rescore the K candidates and the input in one batched RAHF call
-        scores, per_name = self._rescore(image, candidates, prompt, weights)
-
-        # 7. Keep the best candidate if it beats the input
-        self.maybe_free_model_hooks()
-        return self._output(image, candidates, scores, per_name, heat, mask, output_type, return_dict)
+        return self._repair(prompt, image, heatmap, config, weights, gen_size, output_type, return_dict, generate)

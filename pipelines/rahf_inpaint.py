@@ -103,18 +103,23 @@ class RAHFInpaintPipelineOutput(BaseOutput):
 
 class RAHFInpaintMixin:
     r"""
-    The steps every RAHF inpainting pipeline shares: predict the heatmap, threshold and dilate it into a mask, paste the
-    input back outside the mask, rescore candidates and input together, keep the best. A pipeline that mixes it in
-    registers `reward_model` and `reward_processor` and implements generation in its own `__call__`.
+    The steps every RAHF inpainting pipeline shares: check the inputs, predict the heatmap, threshold and dilate it
+    into a mask, paste the input back outside the mask, rescore candidates and input together, keep the best. A
+    pipeline that mixes it in registers `reward_model` and `reward_processor`, defines `generation_multiple` and
+    `_check_generator_inputs`, and its `__call__` runs `check_inputs` then `_repair` with its own generation step.
     """
 
     reward_model: RAHFModel
     reward_processor: RAHFProcessor
+    generation_multiple: int  # generation sizes are rounded to multiples of this
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks
 
-    def _check_reward_inputs(
+    def _check_generator_inputs(self, generator: Any, callback_on_step_end_tensor_inputs: Any) -> None:
+        """The generator-specific checks, run first by `check_inputs`; raises a ValueError naming the argument."""
+
+    def check_inputs(
         self,
         prompt: Any,
         image: Any,
@@ -125,11 +130,17 @@ class RAHFInpaintMixin:
         threshold: Any,
         dilation: Any,
         feather: Any,
+        strength: Any,
+        num_inference_steps: Any,
+        height: Any,
+        width: Any,
         generator: Any,
         output_type: Any,
-    ) -> tuple[PIL.Image.Image, MaskConfig, dict[str, float]]:
-        """Validates the arguments every variant shares; returns the RGB input, the resolved mask config and the
-        normalised rescoring weights."""
+        callback_on_step_end_tensor_inputs: Any,
+    ) -> tuple[PIL.Image.Image, MaskConfig, dict[str, float], tuple[int, int]]:
+        """Validates the arguments (a ValueError naming the first bad one); returns the RGB input, the resolved mask
+        config, the normalised rescoring weights and the (width, height) to generate at."""
+        self._check_generator_inputs(generator, callback_on_step_end_tensor_inputs)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(
                 f"`prompt` must be a non-empty str (one image is repaired per call), got {prompt!r}; loop over "
@@ -191,7 +202,16 @@ class RAHFInpaintMixin:
             raise ValueError(
                 f"`output_type` must be 'pil' or 'np' (the result is composited in pixel space), got {output_type!r}"
             )
-        return rgb, config, weights
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}")
+        gen_size = self._generation_size(rgb.size, self.generation_multiple, height, width)
+        return rgb, config, weights, gen_size
 
     @staticmethod
     def _resolve_mask_config(
@@ -373,6 +393,51 @@ class RAHFInpaintMixin:
             return result
         return RAHFInpaintPipelineOutput(*result)
 
+    # ----------------------------------------------------------------------------------------------------------------
+    # The flow
+
+    def _repair(
+        self,
+        prompt: str,
+        image: PIL.Image.Image,
+        heatmap: str | np.ndarray,
+        config: MaskConfig,
+        weights: Mapping[str, float],
+        gen_size: tuple[int, int],
+        output_type: str,
+        return_dict: bool,
+        generate: Callable[[PIL.Image.Image, np.ndarray], Sequence[PIL.Image.Image]],
+    ) -> RAHFInpaintPipelineOutput | tuple:
+        """Steps 1-7 on checked inputs (`check_inputs`' results). `generate(gen_image, gen_mask)` is the pipeline's
+        own step 4: all K candidates (PIL images) for the input and the bool mask, both at the generation size."""
+        # 1. Predict the heatmap with RAHF (and the input's scores, from the same pass)
+        heat, input_scores = self._predict_heatmap(image, prompt, heatmap, weights)
+
+        # 2. Build the mask: threshold, drop specks, dilate
+        mask = self._build_mask(heat, config, image.size)
+
+        # 3. Nothing flagged: return the input untouched, without running the generator
+        if not mask.any():
+            logger.info("the mask is empty (no heat above the threshold): returning the input unrepaired")
+            per_name = {name: [float(input_scores[name])] for name in weights}
+            score = self._combine(input_scores, weights)
+            self.maybe_free_model_hooks()
+            return self._output(image, [], [score], per_name, heat, mask, output_type, return_dict)
+
+        # 4. Generate all K candidates in one batched call of the pipeline's generator
+        gen_image, gen_mask = self._generation_inputs(image, mask, gen_size)
+        generated = generate(gen_image, gen_mask)
+
+        # 5. Paste the input back outside the mask (feathered seam inside the mask only)
+        candidates = self._composite(image, generated, mask, config.feather)
+
+        # 6. Rescore the K candidates and the input in one batched RAHF call
+        scores, per_name = self._rescore(image, candidates, prompt, weights)
+
+        # 7. Keep the best candidate if it beats the input
+        self.maybe_free_model_hooks()
+        return self._output(image, candidates, scores, per_name, heat, mask, output_type, return_dict)
+
 
 class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
     r"""
@@ -468,25 +533,7 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
         """Generation sizes are rounded to multiples of this (8, or the VAE's factor when larger)."""
         return max(8, self.vae_scale_factor)
 
-    def check_inputs(
-        self,
-        prompt: Any,
-        image: Any,
-        heatmap: Any,
-        num_candidates: Any,
-        rescore_with: Any,
-        mask_config: Any,
-        threshold: Any,
-        dilation: Any,
-        feather: Any,
-        strength: Any,
-        num_inference_steps: Any,
-        height: Any,
-        width: Any,
-        generator: Any,
-        output_type: Any,
-        callback_on_step_end_tensor_inputs: Any,
-    ) -> tuple[PIL.Image.Image, MaskConfig, dict[str, float], tuple[int, int]]:
+    def _check_generator_inputs(self, generator: Any, callback_on_step_end_tensor_inputs: Any) -> None:
         in_channels = self.unet.config.in_channels
         if in_channels != 9:
             raise ValueError(
@@ -494,27 +541,6 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
                 f"in_channels={in_channels}; build the pipeline from an inpainting checkpoint such as "
                 "stable-diffusion-v1-5/stable-diffusion-inpainting"
             )
-        rgb, config, weights = self._check_reward_inputs(
-            prompt,
-            image,
-            heatmap,
-            num_candidates,
-            rescore_with,
-            mask_config,
-            threshold,
-            dilation,
-            feather,
-            generator,
-            output_type,
-        )
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}")
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -522,8 +548,6 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
                 f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
             )
-        gen_size = self._generation_size(rgb.size, self.generation_multiple, height, width)
-        return rgb, config, weights, gen_size
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -620,48 +644,26 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
 
-        # 1. Predict the heatmap with RAHF (and the input's scores, from the same pass)
-        heat, input_scores = self._predict_heatmap(image, prompt, heatmap, weights)
+        # 4. Inpaint all K candidates in one batched call of the inpainting pipeline (steps 1-3 and 5-7: `_repair`)
+        def generate(gen_image: PIL.Image.Image, gen_mask: np.ndarray) -> list[PIL.Image.Image]:
+            return self.inpaint_pipeline()(
+                prompt=prompt,
+                image=gen_image,
+                mask_image=PIL.Image.fromarray(gen_mask.astype(np.uint8) * 255),
+                height=gen_size[1],
+                width=gen_size[0],
+                strength=strength,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_candidates,
+                eta=eta,
+                generator=generator,
+                output_type="pil",
+                cross_attention_kwargs=cross_attention_kwargs,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ).images
 
-        # 2. Build the mask: threshold, drop specks, dilate
-        mask = self._build_mask(heat, config, image.size)
-
-        # 3. Nothing flagged: return the input untouched, without running the generator
-        if not mask.any():
-            logger.info("the mask is empty (no heat above the threshold): returning the input unrepaired")
-            per_name = {name: [float(input_scores[name])] for name in weights}
-            score = self._combine(input_scores, weights)
-            self.maybe_free_model_hooks()
-            return self._output(image, [], [score], per_name, heat, mask, output_type, return_dict)
-
-        # 4. Inpaint all K candidates in one batched call of the inpainting pipeline
-        gen_image, gen_mask = self._generation_inputs(image, mask, gen_size)
-        generated = self.inpaint_pipeline()(
-            prompt=prompt,
-            image=gen_image,
-            mask_image=PIL.Image.fromarray(gen_mask.astype(np.uint8) * 255),
-            height=gen_size[1],
-            width=gen_size[0],
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_candidates,
-            eta=eta,
-            generator=generator,
-            output_type="pil",
-            cross_attention_kwargs=cross_attention_kwargs,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        ).images
-
-        # 5. Paste the input back outside the mask (feathered seam inside the mask only)
-        candidates = self._composite(image, generated, mask, config.feather)
-
-        # 6. Rescore the K candidates and the input in one batched RAHF call
-        scores, per_name = self._rescore(image, candidates, prompt, weights)
-
-        # 7. Keep the best candidate if it beats the input
-        self.maybe_free_model_hooks()
-        return self._output(image, candidates, scores, per_name, heat, mask, output_type, return_dict)
+        return self._repair(prompt, image, heatmap, config, weights, gen_size, output_type, return_dict, generate)

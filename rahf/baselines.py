@@ -68,8 +68,8 @@ from transformers import (
 
 from .configuration_rahf import DEFAULT_HEATMAP_NAMES, DEFAULT_SCORE_NAMES, KEYWORDS_TASK
 from .modeling_rahf import RAHFHeatmapHead, RAHFOutput
-from .predictor import RichFeedback
-from .processing_rahf import ImageInput, load_image
+from .predictor import RichFeedback, as_image_prompt_lists, fill_feedback
+from .processing_rahf import ImageInput, load_image, load_processor_config, save_processor_config
 
 logger = logging.getLogger(__name__)
 
@@ -165,23 +165,13 @@ class BaselineProcessor:
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(save_directory)
-        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_processor_config(save_directory, self.to_dict(), self.tokenizer, PROCESSOR_CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike) -> BaselineProcessor:
-        path = Path(pretrained_path)
-        cfg_file = path / PROCESSOR_CONFIG_NAME
-        if not cfg_file.is_file():
-            raise ValueError(
-                f"{str(path)!r} has no {PROCESSOR_CONFIG_NAME}; save the baseline's processor with "
-                "`processor.save_pretrained(dir)` next to the model"
-            )
-        kwargs = json.loads(cfg_file.read_text())
-        kwargs.pop("processor_class", None)
+        path, kwargs = load_processor_config(
+            pretrained_path, "the baseline's processor with `processor.save_pretrained(dir)`", PROCESSOR_CONFIG_NAME
+        )
         has_tokenizer = kwargs.pop("has_tokenizer", False)
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         return cls(tokenizer=tokenizer, **kwargs)
@@ -889,20 +879,6 @@ def _resolve_config_path(path: str | os.PathLike) -> Path:
 # Raters
 
 
-def _as_lists(images, prompts) -> tuple[list, list[str]]:
-    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
-        images = [images]
-    images = list(images)
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if len(prompts) == 1 and len(images) > 1:
-        prompts = prompts * len(images)
-    if len(prompts) != len(images):
-        raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: pass one prompt, or one per image")
-    return images, prompts
-
-
 def _resolve_outputs(outputs: Iterable[str] | str | None, capabilities: dict) -> tuple[set[str], set[str], bool]:
     """`outputs` (None, groups or names) -> (score names, heatmap names, keywords) this rater should compute."""
     scores, heatmaps = list(capabilities["scores"]), list(capabilities["heatmaps"])
@@ -1006,7 +982,7 @@ class BaselineRater:
         outputs: Iterable[str] | None = None,
         show_progress: bool = False,
     ) -> list[RichFeedback]:
-        images, prompts = _as_lists(images, prompts)
+        images, prompts = as_image_prompt_lists(images, prompts)
         want_s, want_h, _ = _resolve_outputs(outputs, self.capabilities)
         cfg = self.model.config
         device = next(self.model.parameters()).device
@@ -1018,21 +994,9 @@ class BaselineRater:
             out = self.model(**{k: v.to(device) for k, v in enc.items()})
             scores = out.scores.float().cpu().numpy() if out.scores is not None else None
             heatmaps = out.heatmaps.float() if out.heatmaps is not None else None
-            for i, (image, prompt) in enumerate(zip(batch_images, batch_prompts)):
-                feedback = RichFeedback(prompt=prompt)
-                for j, name in enumerate(cfg.score_names):
-                    if name in want_s:
-                        feedback.scores[name] = float(scores[i, j])
-                for j, name in enumerate(cfg.heatmap_names):
-                    if name in want_h:
-                        resized = F.interpolate(
-                            heatmaps[i : i + 1, j : j + 1],
-                            size=(image.height, image.width),
-                            mode="bilinear",
-                            align_corners=False,
-                        )
-                        feedback.heatmaps[name] = resized[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
-                results.append(feedback)
+            batch_results = [RichFeedback(prompt=prompt) for prompt in batch_prompts]
+            fill_feedback(batch_results, batch_images, scores, heatmaps, cfg, want_s, want_h)
+            results += batch_results
         return results
 
 
@@ -1171,7 +1135,7 @@ class CLIPRater:
         outputs: Iterable[str] | None = None,
         show_progress: bool = False,
     ) -> list[RichFeedback]:
-        images, prompts = _as_lists(images, prompts)
+        images, prompts = as_image_prompt_lists(images, prompts)
         want_s, want_h, _ = _resolve_outputs(outputs, self.capabilities)
         results: list[RichFeedback] = []
         for start in tqdm(range(0, len(images), self.batch_size), desc=self.mode, disable=not show_progress):
@@ -1260,7 +1224,7 @@ class CenterPriorRater:
         outputs: Iterable[str] | None = None,
         show_progress: bool = False,
     ) -> list[RichFeedback]:
-        images, prompts = _as_lists(images, prompts)
+        images, prompts = as_image_prompt_lists(images, prompts)
         _, want_h, _ = _resolve_outputs(outputs, self.capabilities)
         results = []
         for image, prompt in zip(images, prompts):

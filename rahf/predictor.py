@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +50,50 @@ class RichFeedback:
             "misaligned_word_indices": list(self.misaligned_word_indices),
         }
 
+
+
+def as_image_prompt_lists(
+    images: Sequence[ImageInput] | ImageInput, prompts: Sequence[str] | str
+) -> tuple[list, list[str]]:
+    """One image or a sequence, and one prompt (for every image) or one per image -> two lists of the same length."""
+    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+        images = [images]
+    images = list(images)
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    prompts = list(prompts)
+    if len(prompts) == 1 and len(images) > 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: pass one prompt, or one per image")
+    return images, prompts
+
+
+def fill_feedback(
+    results: Sequence[RichFeedback],
+    images: Sequence[Image.Image],
+    scores: np.ndarray | None,
+    heatmaps: torch.Tensor | None,
+    config,
+    want_scores: Container[str],
+    want_heatmaps: Container[str],
+) -> None:
+    """Writes a batch's outputs into each image's `RichFeedback`: the wanted `config.score_names` from `scores`
+    (B, num_scores), and the wanted `config.heatmap_names` from `heatmaps` (B, num_heatmaps, S, S), each resized
+    bilinearly to its image's (H, W) and clamped to [0, 1] as float32."""
+    for i, (feedback, image) in enumerate(zip(results, images)):
+        for j, name in enumerate(config.score_names):
+            if name in want_scores:
+                feedback.scores[name] = float(scores[i, j])
+        for j, name in enumerate(config.heatmap_names):
+            if name in want_heatmaps:
+                resized = F.interpolate(
+                    heatmaps[i : i + 1, j : j + 1],
+                    size=(image.height, image.width),
+                    mode="bilinear",
+                    align_corners=False,
+                )
+                feedback.heatmaps[name] = resized[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
 
 class RichFeedbackPredictor:
     r"""
@@ -134,16 +178,7 @@ class RichFeedbackPredictor:
             outputs: which outputs to compute: any of `"scores"`, `"heatmaps"`, `"keywords"` or task names such as
                 `"plausibility"`; all by default.
         """
-        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
-            images = [images]
-        images = list(images)
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(images)
-        prompts = list(prompts)
-        if len(prompts) == 1 and len(images) > 1:
-            prompts = prompts * len(images)
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: pass one prompt, or one per image")
+        images, prompts = as_image_prompt_lists(images, prompts)
         tasks = self._resolve_outputs(outputs)
         results: list[RichFeedback] = []
         starts = range(0, len(images), self.batch_size)
@@ -167,17 +202,7 @@ class RichFeedbackPredictor:
             out = self.model(image_embeds=image_embeds, **enc)
             heatmaps = out.heatmaps.float()  # (B, H, S, S)
             scores = out.scores.float().cpu().numpy()  # (B, num_scores)
-            for i, (feedback, image) in enumerate(zip(results, images)):
-                for j, name in enumerate(cfg.score_names):
-                    if name in dense_tasks:
-                        feedback.scores[name] = float(scores[i, j])
-                for j, name in enumerate(cfg.heatmap_names):
-                    if name in dense_tasks:
-                        resized = F.interpolate(
-                            heatmaps[i : i + 1, j : j + 1], size=(image.height, image.width), mode="bilinear",
-                            align_corners=False,
-                        )
-                        feedback.heatmaps[name] = resized[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+            fill_feedback(results, images, scores, heatmaps, cfg, dense_tasks, dense_tasks)
         if KEYWORDS_TASK in tasks:
             enc = self.processor.encode_prompts(prompts, tasks=[KEYWORDS_TASK])
             sequences = self.model.generate_keywords(
@@ -194,4 +219,4 @@ class RichFeedbackPredictor:
         return results
 
 
-__all__ = ["RichFeedback", "RichFeedbackPredictor"]
+__all__ = ["RichFeedback", "RichFeedbackPredictor", "as_image_prompt_lists", "fill_feedback"]

@@ -22,6 +22,35 @@ PROCESSOR_CONFIG_NAME = "rahf_processor_config.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
 
+def save_processor_config(
+    save_directory: str | os.PathLike,
+    config: dict,
+    tokenizer: PreTrainedTokenizerBase | None,
+    config_name: str = PROCESSOR_CONFIG_NAME,
+) -> None:
+    """Writes a processor's `config` as `config_name` (indented JSON) and its tokenizer, if any, into
+    `save_directory`, creating it."""
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    (save_directory / config_name).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_processor_config(
+    pretrained_path: str | os.PathLike, how_to_save: str, config_name: str = PROCESSOR_CONFIG_NAME
+) -> tuple[Path, dict]:
+    """The folder and the constructor keywords saved by `save_processor_config` (without `processor_class`). A folder
+    without `config_name` raises a ValueError that ends "save {how_to_save} next to the model"."""
+    path = Path(pretrained_path)
+    cfg_file = path / config_name
+    if not cfg_file.is_file():
+        raise ValueError(f"{str(path)!r} has no {config_name}; save {how_to_save} next to the model")
+    kwargs = json.loads(cfg_file.read_text())
+    kwargs.pop("processor_class", None)
+    return path, kwargs
+
+
 def load_image(image: ImageInput) -> Image.Image:
     """A PIL image, array or path -> an RGB PIL image, whatever its mode (RGBA, L, P, I;16, CMYK, ...).
 
@@ -153,22 +182,13 @@ class RAHFProcessor:
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(save_directory)
-        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_processor_config(save_directory, self.to_dict(), self.tokenizer)
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike) -> RAHFProcessor:
-        path = Path(pretrained_path)
-        cfg_file = path / PROCESSOR_CONFIG_NAME
-        if not cfg_file.is_file():
-            raise ValueError(
-                f"{str(path)!r} has no {PROCESSOR_CONFIG_NAME}; save the processor with "
-                "`processor.save_pretrained(dir)` (or `rahf init-model`) next to the model"
-            )
-        kwargs = json.loads(cfg_file.read_text())
-        kwargs.pop("processor_class", None)
+        path, kwargs = load_processor_config(
+            pretrained_path, "the processor with `processor.save_pretrained(dir)` (or `rahf init-model`)"
+        )
         return cls(tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -364,4 +384,4 @@ def _image_stats_of(path: str, mean: list[float], std: list[float]) -> tuple[lis
     return list(cfg.get("image_mean", mean)), list(cfg.get("image_std", std))
 
 
-__all__ = ["RAHFProcessor", "load_image"]
+__all__ = ["RAHFProcessor", "load_image", "load_processor_config", "save_processor_config"]
