@@ -24,7 +24,19 @@ _EXPORTS = {
     "split_prompt_words": ".keywords",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "RAHFConfig",
+    "RAHFModel",
+    "RAHFOutput",
+    "RAHFPreTrainedModel",
+    "RAHFProcessor",
+    "RichFeedback",
+    "RichFeedbackPredictor",
+    "decode_keyword_indices",
+    "encode_keyword_target",
+    "load_image",
+    "split_prompt_words",
+]
 
 if TYPE_CHECKING:
     from .configuration_rahf import RAHFConfig

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .configuration_rahf import KEYWORDS_TASK, RAHFConfig
+from .configuration_rahf import RAHFConfig
 from .keywords import decode_keyword_indices, encode_keyword_target, split_prompt_words
 
 logger = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -15,6 +16,14 @@ from .configuration_rahf import RAHFConfig
 from .modeling_rahf import RAHFModel
 from .processing_rahf import RAHFProcessor
 from .tokenization import build_offline_tokenizer
+
+if TYPE_CHECKING:
+    from ._testing_diffusers import (
+        tiny_amused_inpaint_pipeline,
+        tiny_amused_pipeline,
+        tiny_sd_inpaint_pipeline,
+        tiny_sd_pipeline,
+    )
 
 TINY_VOCAB_SIZE = 512
 
