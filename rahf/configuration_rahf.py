@@ -48,7 +48,11 @@ class RAHFConfig(PreTrainedConfig):
             For the augmented-prompt variant: the text prepended to the prompt for each heatmap, each score and
             `"keywords"`.
         heatmap_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the per-pixel heatmap MSE in the loss.
+            Weight of the per-pixel heatmap loss in the loss.
+        heatmap_loss (`str`, *optional*, defaults to `"mse"`):
+            Per-pixel heatmap loss: `"mse"` (the paper's) or `"bce"` (binary cross-entropy against the soft [0, 1]
+            targets). On mostly empty maps the MSE's gradient through the output sigmoid vanishes where the
+            prediction is near 0, the BCE's does not (`configs/model/tiny.json` uses it for that reason).
         score_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the score MSE in the loss.
         sequence_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -101,6 +105,7 @@ class RAHFConfig(PreTrainedConfig):
     heatmap_names: list[str] | None = None
     task_strings: dict[str, str] | None = None
     heatmap_loss_weight: float = 1.0
+    heatmap_loss: Literal["mse", "bce"] = "mse"
     score_loss_weight: float = 1.0
     sequence_loss_weight: float = 1.0
     heatmap_head_channels: int = 256
@@ -125,6 +130,8 @@ class RAHFConfig(PreTrainedConfig):
                 f"`vision_config.model_type` must be one of {list(VISION_MODEL_TYPES)}, "
                 f"got {self.vision_config.model_type!r}"
             )
+        if self.heatmap_loss not in ("mse", "bce"):
+            raise ValueError(f"`heatmap_loss` must be 'mse' or 'bce', got {self.heatmap_loss!r}")
         if self.decoder_attends_to not in ("all", "text"):
             raise ValueError(f"`decoder_attends_to` must be 'all' or 'text', got {self.decoder_attends_to!r}")
         self.score_names = list(self.score_names or DEFAULT_SCORE_NAMES)

@@ -33,12 +33,12 @@ def preset_path(name: str) -> Path:
 class DemoBudget:
     """How much of everything the demo does; `FULL` is `make demo`, `QUICK` the smoke test."""
 
-    num_train: int = 1200
+    num_train: int = 4000
     num_validation: int = 150
     num_test: int = 150
     # optimizer steps per trained model, at train_batch_size
     steps: dict[str, int] = field(
-        default_factory=lambda: {"rahf_multi_head": 1500, "rahf_augmented_prompt": 600, "resnet50": 600}
+        default_factory=lambda: {"rahf_multi_head": 2000, "rahf_augmented_prompt": 1200, "resnet50": 600}
     )
     train_batch_size: int = 16
     validation_steps: int = 500

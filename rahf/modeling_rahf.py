@@ -59,7 +59,7 @@ class RAHFOutput(ModelOutput):
             Predicted scores in [0, 1], in `config.score_names` order (NaN where not requested).
         sequence_logits (`torch.FloatTensor` of shape `(num_keyword_rows, target_length, vocab_size)`, *optional*):
             Decoder logits of the keyword sequence (teacher forcing), one row per image.
-        heatmap_loss (`torch.FloatTensor` of shape `()`, *optional*): per-pixel heatmap MSE.
+        heatmap_loss (`torch.FloatTensor` of shape `()`, *optional*): per-pixel heatmap MSE (or BCE, `config.heatmap_loss`).
         score_loss (`torch.FloatTensor` of shape `()`, *optional*): score MSE.
         sequence_loss (`torch.FloatTensor` of shape `()`, *optional*): token cross-entropy of the keyword sequence.
     """
@@ -376,7 +376,13 @@ class RAHFModel(RAHFPreTrainedModel):
                 )
             known = ~torch.isnan(heatmaps)
             if known.any():
-                heatmap_loss = F.mse_loss(heatmaps[known], heatmap_labels[known])
+                if cfg.heatmap_loss == "bce":
+                    # Written out in float32: F.binary_cross_entropy refuses to run under CUDA autocast.
+                    p = heatmaps[known].float().clamp(1e-6, 1 - 1e-6)
+                    y = heatmap_labels[known].float()
+                    heatmap_loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+                else:
+                    heatmap_loss = F.mse_loss(heatmaps[known], heatmap_labels[known])
                 terms.append(cfg.heatmap_loss_weight * heatmap_loss)
         if score_labels is not None:
             score_labels = score_labels.to(scores.dtype)

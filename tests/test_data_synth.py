@@ -14,6 +14,7 @@ from rahf.data.schema import SCORE_NAMES, load_rich_feedback, validate_dataset
 from rahf.data.synth import (
     COLOURS,
     COUNT_WORDS,
+    MISALIGNMENT_KINDS,
     RELATIONS,
     SHAPES,
     SynthConfig,
@@ -258,11 +259,30 @@ def test_rle_round_trip(shape):
         ({"num_train": 0, "num_validation": 0, "num_test": 0}, "num_train"),
         ({"num_annotators": 4, "annotator_pool_size": 3}, "annotator_pool_size"),
         ({"annotator_noise": -1.0}, "annotator_noise"),
+        ({"artifact_radius": (0.2, 0.1)}, "artifact_radius"),
+        ({"artifact_min_change": 1.0}, "artifact_min_change"),
+        ({"misalignment_kind_weights": {"colour": 1.0}}, "misalignment_kind_weights"),
+        ({"misalignment_kind_weights": dict.fromkeys(MISALIGNMENT_KINDS, 0.0)}, "misalignment_kind_weights"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SynthConfig(**kwargs)
+
+
+def test_misalignment_kind_weights_and_artifact_size_are_obeyed():
+    # Only colour misalignments when only colour has weight; artifacts no smaller than asked.
+    config = SynthConfig(
+        image_size=SIZE, seed=5, misalignment_rate=1.0, artifact_rate=1.0, artifact_radius=(0.2, 0.25),
+        misalignment_kind_weights={**dict.fromkeys(MISALIGNMENT_KINDS, 0.0), "colour": 1.0},
+    )
+    kinds, radii = set(), []
+    for i in range(12):
+        _, truth = render_example("train", i, config)
+        kinds.update(m["kind"] for m in truth["misalignments"])
+        radii.extend(a["radius"] for a in truth["artifacts"])
+    assert kinds == {"colour"}
+    assert radii and min(radii) >= 0.2 * SIZE - 1e-6 and max(radii) <= 0.25 * SIZE + 1e-6
 
 
 def test_out_dir_rules(tmp_path):

@@ -83,6 +83,25 @@ def test_loss_weights_are_applied():
 
 
 @pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_heatmap_loss_can_be_binary_cross_entropy(variant):
+    batch = make_batch(tiny_rahf_processor(variant))
+    mse_model = tiny_rahf_model(variant)
+    assert mse_model.config.heatmap_loss == "mse"  # the paper's loss stays the default
+    bce_model = tiny_rahf_model(variant, heatmap_loss="bce")
+    bce_model.load_state_dict(mse_model.state_dict())
+    labels = labels_for(mse_model)
+    out_mse, out_bce = mse_model(**batch, **labels), bce_model(**batch, **labels)
+    torch.testing.assert_close(out_bce.heatmaps, out_mse.heatmaps, equal_nan=True)
+    known = ~torch.isnan(out_bce.heatmaps)
+    p, y = out_bce.heatmaps[known].double(), labels["heatmap_labels"][known].double()
+    expected_bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(out_bce.heatmap_loss.double(), expected_bce, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out_mse.heatmap_loss.double(), ((p - y) ** 2).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="heatmap_loss"):
+        tiny_rahf_config(variant, heatmap_loss="l1")
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
 def test_save_and_load_give_identical_outputs_from_safetensors_only(tmp_path, variant):
     model, processor = tiny_rahf_model(variant), tiny_rahf_processor(variant)
     model.save_pretrained(tmp_path)

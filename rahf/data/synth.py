@@ -47,7 +47,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,8 @@ from datasets import DatasetDict
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from rahf.keywords import split_prompt_words
 from rahf.data.schema import save_rich_feedback
+from rahf.keywords import split_prompt_words
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,9 @@ _AESTHETIC_BASE = {"photo": 3.6, "wood": 3.6, "gradient": 3.4, "texture": 3.3, "
 ARTIFACT_KINDS = ("swirl", "duplicated_patch", "melt", "smear", "broken_edges", "noise_blotch", "channel_shift")
 _WARP_KINDS = ("swirl", "melt", "smear", "broken_edges")
 MISALIGNMENT_KINDS = ("colour", "shape", "count", "missing", "relation")
-_MISALIGNMENT_WEIGHTS = {"colour": 0.3, "shape": 0.25, "count": 0.15, "missing": 0.15, "relation": 0.15}
+# How often each misalignment kind is picked (among those the scene allows). Colour leads: at 64 px it is the flaw a
+# tiny model (and a person) sees first; shapes, counts and relations stay, less often.
+MISALIGNMENT_KIND_WEIGHTS = {"colour": 0.5, "shape": 0.15, "count": 0.1, "missing": 0.2, "relation": 0.05}
 _ALIGNMENT_PENALTY = {"colour": 1.2, "shape": 1.4, "count": 1.0, "missing": 1.8, "relation": 1.0}
 SCORE_KEYS = ("plausibility", "alignment", "aesthetics", "overall")
 
@@ -129,7 +131,7 @@ class SynthConfig:
     """How the synthetic rich-feedback set is generated.
 
     Args:
-        num_train (`int`, *optional*, defaults to 1200): images in the `train` split.
+        num_train (`int`, *optional*, defaults to 4000): images in the `train` split.
         num_validation (`int`, *optional*, defaults to 150): images in the `validation` split.
         num_test (`int`, *optional*, defaults to 150): images in the `test` split.
         image_size (`int`, *optional*, defaults to 64): side of the square images, in pixels (at least 32).
@@ -144,6 +146,14 @@ class SynthConfig:
         annotator_noise (`float`, *optional*, defaults to 1.0): scales every annotator error; 0 gives perfect
             annotators (no misses, no jitter, Likert rounding of the latent scores only), which tests use.
         max_artifacts (`int`, *optional*, defaults to 3): most artifacts planted in one image.
+        artifact_radius (`tuple[float, float]`, *optional*, defaults to `(0.14, 0.22)`): range of an artifact's
+            radius, as a share of the image side.
+        misalignment_kind_weights (`dict[str, float]`, *optional*): relative frequency of each misalignment kind
+            (`colour`, `shape`, `count`, `missing`, `relation`) among those a scene allows; defaults to
+            `MISALIGNMENT_KIND_WEIGHTS` (colour 0.5, missing 0.2, shape 0.15, count 0.1, relation 0.05).
+        artifact_min_change (`float`, *optional*, defaults to 0.2): an artifact is only planted where it changes the
+            pixels under it by at least this much (mean over its region of the largest channel change, in [0, 1]);
+            weaker ones are redrawn, as no annotator could see them.
 
     Examples:
         >>> from rahf.data.synth import SynthConfig, generate_synthetic
@@ -151,7 +161,7 @@ class SynthConfig:
         >>> dataset_dict = generate_synthetic("data/synth-small", config)
     """
 
-    num_train: int = 1200
+    num_train: int = 4000
     num_validation: int = 150
     num_test: int = 150
     image_size: int = 64
@@ -162,6 +172,9 @@ class SynthConfig:
     annotator_pool_size: int = 12
     annotator_noise: float = 1.0
     max_artifacts: int = 3
+    artifact_radius: tuple[float, float] = (0.14, 0.22)
+    artifact_min_change: float = 0.2
+    misalignment_kind_weights: dict[str, float] = field(default_factory=lambda: dict(MISALIGNMENT_KIND_WEIGHTS))
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_validation", "num_test"):
@@ -189,6 +202,26 @@ class SynthConfig:
             raise ValueError(f"`annotator_noise` must be >= 0 (0 = perfect annotators), got {self.annotator_noise!r}")
         if not isinstance(self.max_artifacts, int) or self.max_artifacts < 1:
             raise ValueError(f"`max_artifacts` must be an int >= 1, got {self.max_artifacts!r}")
+        self.artifact_radius = tuple(float(v) for v in self.artifact_radius)
+        if len(self.artifact_radius) != 2 or not 0.0 < self.artifact_radius[0] <= self.artifact_radius[1] <= 0.5:
+            raise ValueError(
+                f"`artifact_radius` must be (min, max) with 0 < min <= max <= 0.5 (shares of the image side), "
+                f"got {self.artifact_radius!r}"
+            )
+        weights = self.misalignment_kind_weights
+        if (
+            not isinstance(weights, dict)
+            or set(weights) != set(MISALIGNMENT_KINDS)
+            or any(not float(w) >= 0 for w in weights.values())
+            or not sum(float(w) for w in weights.values()) > 0
+        ):
+            raise ValueError(
+                f"`misalignment_kind_weights` must give a non-negative weight to each of {list(MISALIGNMENT_KINDS)} "
+                f"(not all 0), got {weights!r}"
+            )
+        self.misalignment_kind_weights = {k: float(weights[k]) for k in MISALIGNMENT_KINDS}
+        if not 0.0 <= float(self.artifact_min_change) < 1.0:
+            raise ValueError(f"`artifact_min_change` must lie in [0, 1), got {self.artifact_min_change!r}")
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
@@ -560,7 +593,7 @@ def _prompt_words(plan: dict[str, Any], setting: str) -> tuple[list[str], list[d
 
 
 def _choose_misalignments(
-    plan: dict[str, Any], rng: np.random.Generator, background_rgb: np.ndarray
+    plan: dict[str, Any], rng: np.random.Generator, background_rgb: np.ndarray, kind_weights: dict[str, float]
 ) -> list[dict[str, Any]]:
     groups = plan["groups"]
     chosen: list[dict[str, Any]] = []
@@ -580,9 +613,10 @@ def _choose_misalignments(
                 options.append(("missing", g))
         if len(groups) == 2 and not chosen and RELATIONS[plan["relation"]][1] is not None:
             options.append(("relation", None))
+        options = [(k, g) for k, g in options if kind_weights[k] > 0]
         if not options:
             break
-        kind, g = _pick(rng, options, [_MISALIGNMENT_WEIGHTS[k] for k, _ in options])
+        kind, g = _pick(rng, options, [kind_weights[k] for k, _ in options])
         entry: dict[str, Any] = {"kind": kind, "group": g}
         if kind == "colour":
             group = groups[g]
@@ -642,7 +676,11 @@ def render_example(split: str, index: int, config: SynthConfig) -> tuple[np.ndar
     prompt = " ".join(words)
     assert split_prompt_words(prompt) == words, f"prompt {prompt!r} does not split into its own words"
 
-    misalignments = _choose_misalignments(plan, rng, bg_rgb) if rng.random() < config.misalignment_rate else []
+    misalignments = (
+        _choose_misalignments(plan, rng, bg_rgb, config.misalignment_kind_weights)
+        if rng.random() < config.misalignment_rate
+        else []
+    )
 
     # What is drawn: per group, the rendered count/colour/shape, and per object slot which flaw touches it.
     relation = plan["relation"]
@@ -746,7 +784,7 @@ def render_example(split: str, index: int, config: SynthConfig) -> tuple[np.ndar
             for attempt in range(8):
                 if attempt == 5:  # this kind stays invisible here (e.g. a swirl on flat colours): try another one
                     kind = _pick(rng, [k for k in ARTIFACT_KINDS if k != kind])
-                radius = rng.uniform(0.09, 0.15) * size
+                radius = rng.uniform(*config.artifact_radius) * size
                 if painted_slots and rng.random() < 0.8:
                     s = painted_slots[int(rng.integers(len(painted_slots)))]
                     ang = rng.uniform(0, 2 * math.pi)
@@ -765,7 +803,7 @@ def render_example(split: str, index: int, config: SynthConfig) -> tuple[np.ndar
                     continue
                 new_image, mask = result
                 change = np.abs(new_image - image).max(axis=-1)[mask].mean() if mask.any() else 0.0
-                if change < 0.12:  # invisible (e.g. a swirl over a flat colour): not an artifact anyone could see
+                if change < config.artifact_min_change:  # invisible (e.g. a swirl over a flat colour): nobody sees it
                     continue
                 image = new_image
                 artifacts.append(
