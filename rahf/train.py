@@ -37,6 +37,7 @@ import yaml
 from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader, Sampler
 
+from .job_args import uses_cpu_processes
 from .training_args import RAHFTrainingArguments, parse_training_args
 
 logger = logging.getLogger(__name__)
@@ -485,16 +486,6 @@ def evaluate(model: torch.nn.Module, dataloader, accelerator, config) -> dict[st
 # DDP helpers
 
 
-def _distributed_without_accelerator() -> bool:
-    """Launched as several processes (WORLD_SIZE > 1) on a machine with no GPU or other accelerator."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    accelerator_api = getattr(torch, "accelerator", None)
-    if accelerator_api is not None:
-        return not accelerator_api.is_available()
-    return not torch.cuda.is_available()
-
-
 def _unused_parameters(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> list[str]:
     """Names of trainable parameters that get no gradient from one forward/backward on `batch`."""
     model.to(device)
@@ -528,7 +519,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         # The collator tokenizes in forked workers after the main process has used the tokenizer.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # `accelerate launch --multi_gpu` on a machine without accelerators (CI, our CPU boxes) must use gloo on CPU.
-    state = PartialState(cpu=_distributed_without_accelerator())  # the process group, before anything else
+    state = PartialState(cpu=uses_cpu_processes())  # the process group, before anything else
     if not state.is_local_main_process:
         logger.setLevel(logging.WARNING)  # one copy of the progress messages, not one per process
 

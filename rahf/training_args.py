@@ -8,21 +8,17 @@ Flag names follow diffusers' training scripts (`--output_dir`, `--train_batch_si
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-from transformers import HfArgumentParser
+from .job_args import MIXED_PRECISIONS, parse_job_args
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LR_SCHEDULERS", "MIXED_PRECISIONS", "REPORT_TO", "RAHFTrainingArguments", "parse_training_args"]
 
 LR_SCHEDULERS = ("cosine", "rsqrt", "constant", "linear")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("jsonl", "tensorboard", "all")
 
 
@@ -196,46 +192,6 @@ class RAHFTrainingArguments:
         return dataclasses.asdict(self)
 
 
-def _parser() -> HfArgumentParser:
-    return HfArgumentParser(RAHFTrainingArguments, prog="rahf train", description="Train RAHF (or a baseline).")
-
-
-def _coerce(parser: HfArgumentParser, key: str, value: Any, source: str) -> Any:
-    """A YAML value -> the flag's type (YAML reads `1e-3` as a string, and `yes` as a bool)."""
-    action = parser._option_string_actions[f"--{key}"]
-    if isinstance(value, str) and action.type is not None:
-        try:
-            value = action.type(value)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: `{key}: {value!r}` is not a valid value ({err})") from err
-    elif isinstance(value, int) and not isinstance(value, bool) and action.type is float:
-        value = float(value)
-    if action.choices is not None and value is not None and value not in action.choices:
-        raise ValueError(f"{source}: `{key}` must be one of {list(action.choices)}, got {value!r}")
-    return value
-
-
-def load_yaml_defaults(path: str | Path, parser: HfArgumentParser | None = None) -> dict[str, Any]:
-    """Reads a training YAML and checks its keys and values against the flags."""
-    parser = parser or _parser()
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"`--config` {str(path)!r} is not a file; pass a YAML such as configs/train/synth_tiny.yaml")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(RAHFTrainingArguments)} - {"config"}
-    out = {}
-    for key, value in data.items():
-        key = str(key).replace("-", "_")
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{path}: unknown key {key!r}{hint}; the keys are the flags of `rahf train --help`")
-        out[key] = _coerce(parser, key, value, str(path))
-    return out
-
-
 def parse_training_args(argv: list[str] | None = None) -> RAHFTrainingArguments:
     """`--config file.yaml` gives the defaults, the other flags override them.
 
@@ -245,9 +201,4 @@ def parse_training_args(argv: list[str] | None = None) -> RAHFTrainingArguments:
     >>> args = parse_training_args(["--config", "configs/train/synth_tiny.yaml", "--max_train_steps", "10"])
     ```
     """
-    parser = _parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_yaml_defaults(known.config, parser))
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return args
+    return parse_job_args(RAHFTrainingArguments, argv, prog="rahf train", description="Train RAHF (or a baseline).")

@@ -1,0 +1,100 @@
+"""Job arguments: a dataclass read from a YAML file (`--config`) with command-line flags on top, for `rahf train` and
+the `improve` jobs alike.
+
+YAML keys are flag names, an unknown key is named with the closest flag, values are coerced to the flag's type (YAML
+reads `1e-4` as a string), and flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+
+T = TypeVar("T")
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _coerce(parser: HfArgumentParser, key: str, value: Any, source: str) -> Any:
+    action = parser._option_string_actions[f"--{key}"]
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*"):
+            raise ValueError(f"{source}: `{key}` takes one value, got the list {value!r}")
+        if action.type is not None:
+            value = [action.type(v) if isinstance(v, str) else v for v in value]
+        return value
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: `{key}: {value!r}` is not a valid value ({err})") from err
+    elif isinstance(value, int) and not isinstance(value, bool) and action.type is float:
+        value = float(value)
+    if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
+        value = [value]
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise ValueError(f"{source}: `{key}` must be one of {list(action.choices)}, got {value!r}")
+    return value
+
+
+def load_yaml_defaults(path: str | os.PathLike, dataclass_type: type, parser: HfArgumentParser, prog: str) -> dict:
+    """Reads a job YAML and checks its keys and values against the flags of `dataclass_type`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`--config` {str(path)!r} is not a file; pass a YAML such as configs/improve/*.yaml")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(dataclass_type)} - {"config"}
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{path}: unknown key {key!r}{hint}; the keys are the flags of `{prog} --help`")
+        out[key] = _coerce(parser, key, value, str(path))
+    return out
+
+
+def parse_job_args(dataclass_type: type[T], argv: list[str] | None, prog: str, description: str) -> T:
+    """`--config file.yaml` gives the defaults, the other flags override them; `dataclass_type` needs a `config`
+    field."""
+    parser = HfArgumentParser(dataclass_type, prog=prog, description=description)
+    known, _ = parser.parse_known_args(argv)
+    if getattr(known, "config", None):
+        parser.set_defaults(**load_yaml_defaults(known.config, dataclass_type, parser, prog))
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
+def resolve_mixed_precision(value: str | None) -> str:
+    """The flag, else what `accelerate launch` / `accelerate config` set (ACCELERATE_MIXED_PRECISION), else "no"."""
+    value = value if value is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    value = str(value).lower()
+    if value not in MIXED_PRECISIONS:
+        raise ValueError(f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {value!r}")
+    return value
+
+
+def uses_cpu_processes() -> bool:
+    """True when launched as several processes on a machine without an accelerator.
+
+    `accelerate launch --multi_gpu` on a CPU-only machine starts the processes but does not tell them to use CPU
+    (ACCELERATE_USE_CPU is only set by the single-process launcher), so `PartialState()` would see no GPU and fall back
+    to one non-distributed process per rank. Passing `cpu=True` then makes accelerate pick the gloo backend.
+    """
+    import torch
+    from accelerate.utils import is_mlu_available, is_npu_available, is_xpu_available
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mlu_available())
