@@ -30,8 +30,6 @@ import inspect
 import json
 import logging
 import math
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +42,17 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from rahf.train import (
+    CHECKPOINT_PREFIX,
+    TRAINING_STATE_NAME,
+    EpochShuffleSampler,
+    JsonlTracker,
+    checkpoint_step,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume_checkpoint,
+)
 
 from ._args import MIXED_PRECISIONS, parse_job_args, resolve_mixed_precision, uses_cpu_processes
 
@@ -64,8 +73,6 @@ __all__ = [
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE_NAME = "training_state.json"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -448,50 +455,6 @@ def _load_rows(args: LoRAFineTuneArguments):
 # Checkpoints, logs
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The `checkpoint-{step}` folders of `output_dir`, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def _prune_checkpoints(output_dir: Path, keep: int) -> None:
-    checkpoints = list_checkpoints(output_dir)
-    for path in checkpoints[: max(0, len(checkpoints) - keep)]:
-        shutil.rmtree(path)
-        logger.info("deleted old checkpoint %s", path.name)
-
-
-def _resume_path(args: LoRAFineTuneArguments) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", args.output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir() and (Path(args.output_dir) / args.resume_from_checkpoint).is_dir():
-        path = Path(args.output_dir) / args.resume_from_checkpoint
-    if not path.is_dir():
-        raise ValueError(f"`resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a folder; pass 'latest' or "
-                         f"a {CHECKPOINT_PREFIX}<step> folder")
-    return path
-
-
-def _checkpoint_step(path: Path) -> int:
-    state = path / TRAINING_STATE_NAME
-    if state.is_file():
-        return int(json.loads(state.read_text())["global_step"])
-    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-    if not match:
-        raise ValueError(f"`resume_from_checkpoint` {str(path)!r} is not named {CHECKPOINT_PREFIX}<step>")
-    return int(match.group(1))
-
-
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
@@ -642,8 +605,6 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
-    from rahf.train import EpochShuffleSampler, JsonlTracker
-
     from .best_of_n import build_reward_fn, load_text_to_image_pipeline
 
     output_dir = Path(args.output_dir)
@@ -756,11 +717,11 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
 
     # 4. Resume: LoRA (through the hook), optimizer, scheduler, RNG states; the data position from the step.
     global_step = 0
-    resume_from = _resume_path(args)
+    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
         accelerator.load_state(str(resume_from))
-        global_step = _checkpoint_step(resume_from)
+        global_step = checkpoint_step(resume_from)
     else:
         set_seed(args.seed, device_specific=True)  # each process its own noise; resumed runs restore theirs
     first_epoch = global_step // steps_per_epoch
@@ -779,7 +740,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
 
     def save_checkpoint(step: int) -> None:
         if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-            _prune_checkpoints(output_dir, keep=args.checkpoints_total_limit - 1)
+            prune_checkpoints(output_dir, keep=args.checkpoints_total_limit - 1)
         path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
         accelerator.save_state(str(path))
         if accelerator.is_main_process:

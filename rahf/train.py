@@ -371,7 +371,8 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in lines if (json.loads(line).get("step") or 0) <= step))
 
 
-def _checkpoint_step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The global step a `checkpoint-{step}` folder was saved at (its training state, else its name)."""
     state_file = path / TRAINING_STATE_NAME
     if state_file.is_file():
         return int(json.loads(state_file.read_text())["global_step"])
@@ -379,25 +380,29 @@ def _checkpoint_step(path: Path) -> int:
     if not match:
         raise ValueError(
             f"`resume_from_checkpoint` {str(path)!r} has no {TRAINING_STATE_NAME} and is not named "
-            f"{CHECKPOINT_PREFIX}<step>; pass a folder written by rahf train"
+            f"{CHECKPOINT_PREFIX}<step>"
         )
     return int(match.group(1))
 
 
-def _resume_path(args: RAHFTrainingArguments) -> Path | None:
-    if not args.resume_from_checkpoint:
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """`--resume_from_checkpoint`: None, "latest" (the newest checkpoint in `output_dir`, or None when there is
+    none) or a folder (as given, or relative to `output_dir`)."""
+    if not resume_from_checkpoint:
         return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
-            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", args.output_dir)
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", output_dir)
             return None
         return checkpoints[-1]
-    path = Path(args.resume_from_checkpoint)
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / resume_from_checkpoint).is_dir():
+        path = Path(output_dir) / resume_from_checkpoint
     if not path.is_dir():
         raise ValueError(
-            f"`resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a folder; pass 'latest' or a "
-            f"{CHECKPOINT_PREFIX}<step> folder written by rahf train"
+            f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a folder; pass 'latest' or a "
+            f"{CHECKPOINT_PREFIX}<step> folder"
         )
     return path
 
@@ -669,11 +674,11 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     # 5. Resume: model, optimizer, scheduler, RNG states and the accumulation counter from the checkpoint; the data
     # position from its step.
     global_step = 0
-    resume_from = _resume_path(args)
+    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
         accelerator.load_state(str(resume_from))
-        global_step = _checkpoint_step(resume_from)
+        global_step = checkpoint_step(resume_from)
         saved = resume_from / TRAINING_STATE_NAME
         if saved.is_file():
             recorded = json.loads(saved.read_text()).get("num_update_steps_per_epoch")
