@@ -301,18 +301,26 @@ class RAHFProcessor:
             rows = [self.task_prompt(p, t) for p in prompts for t in tasks]
             task_ids = [self.task_names.index(t) for _ in prompts for t in tasks]
             image_index = [i for i in range(len(prompts)) for _ in tasks]
-        self._warn_truncation(rows)
-        enc = self.tokenizer(
-            rows, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
-        )
+        # One tokenization: lengths for the warning, then our own truncation and padding.
+        ids = self.tokenizer(rows, truncation=False)["input_ids"]
+        self._warn_truncation([len(x) for x in ids])
+        enc = self.tokenizer.pad({"input_ids": [self._truncate(x) for x in ids]}, padding="longest", return_tensors="pt")
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         out["image_index"] = torch.tensor(image_index, dtype=torch.long)
         if task_ids is not None:
             out["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
         return out
 
-    def _warn_truncation(self, rows: Sequence[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(list(rows), truncation=False)["input_ids"]]
+    def _truncate(self, ids: list[int]) -> list[int]:
+        """Cuts token ids to `max_text_length` as the tokenizer's own truncation does: a closing special token
+        (T5's `</s>`) stays last."""
+        if len(ids) <= self.max_text_length:
+            return ids
+        if ids[-1] in self.tokenizer.all_special_ids:
+            return ids[: self.max_text_length - 1] + ids[-1:]
+        return ids[: self.max_text_length]
+
+    def _warn_truncation(self, lengths: Sequence[int]) -> None:
         over = [i for i, n in enumerate(lengths) if n > self.max_text_length]
         if over:
             logger.warning(

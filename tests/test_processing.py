@@ -101,6 +101,9 @@ def test_long_prompts_are_truncated_with_a_warning_and_labels_stay_consistent(ca
         enc = processor(text=[prompt], keyword_labels=[labels])
     assert "truncated" in caplog.text
     assert enc["input_ids"].shape[1] == 32
+    # the processor's single-pass truncation equals the tokenizer's own
+    ref = processor.tokenizer([prompt], truncation=True, max_length=32, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ref["input_ids"])
     # the target covers exactly the words the model reads, with their own labels
     target = processor.tokenizer.decode(enc["labels"][0][enc["labels"][0] != -100], skip_special_tokens=True)
     assert split_prompt_words(target.replace(" 0", "")) == words[:kept]
