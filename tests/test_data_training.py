@@ -187,3 +187,70 @@ def test_schema_validation_names_column_split_and_record(tmp_path) -> None:
         load_rich_feedback(tmp_path / "single")
     with pytest.raises(ValueError, match="is not a folder"):
         load_rich_feedback(tmp_path / "nope")
+
+
+def _augmented_collator(tasks_per_image):
+    from rahf.data.collate import RAHFCollator
+    from rahf.testing import tiny_rahf_config, tiny_rahf_processor
+
+    config = tiny_rahf_config("augmented_prompt")
+    processor = tiny_rahf_processor("augmented_prompt")
+    return RAHFCollator(processor, config.score_names, config.heatmap_names, tasks_per_image=tasks_per_image), config
+
+
+def test_tasks_per_image_keeps_k_rows_per_image_drawn_from_the_item_seed() -> None:
+    full, config = _augmented_collator(None)
+    sampled, _ = _augmented_collator(3)
+    ds = RichFeedbackTorchDataset(_split(4), heatmap_size=16, seed=5)
+    items = [ds[i] for i in range(4)]
+    all_rows = full(items)
+    num_tasks = len(config.task_names)
+    assert len(all_rows["task_ids"]) == 4 * num_tasks
+    batch = sampled(items)
+    # three distinct tasks per image, each row the same tokens as the full batch's row of that (image, task)
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for i in range(4):
+        tasks = batch["task_ids"][batch["image_index"] == i]
+        assert len(set(tasks.tolist())) == 3
+    for row in range(len(batch["task_ids"])):
+        i, t = int(batch["image_index"][row]), int(batch["task_ids"][row])
+        full_row = int(i * num_tasks + t)
+        assert int(all_rows["task_ids"][full_row]) == t
+        torch.testing.assert_close(batch["input_ids"][row], all_rows["input_ids"][full_row])
+    # per-image labels are untouched
+    torch.testing.assert_close(batch["heatmap_labels"], all_rows["heatmap_labels"])
+    torch.testing.assert_close(batch["labels"], all_rows["labels"])
+    # the same (seed, epoch, index) draws the same tasks; another epoch draws others (for some image)
+    assert torch.equal(sampled([ds[i] for i in range(4)])["task_ids"], batch["task_ids"])
+    ds.set_epoch(1)
+    assert not torch.equal(sampled([ds[i] for i in range(4)])["task_ids"], batch["task_ids"])
+
+
+def test_tasks_per_image_batch_trains_every_kept_head_only() -> None:
+    from rahf.testing import tiny_rahf_model
+
+    sampled, config = _augmented_collator(2)
+    model = tiny_rahf_model("augmented_prompt")
+    ds = RichFeedbackTorchDataset(_split(2), heatmap_size=config.heatmap_size, seed=0)
+    batch = sampled([ds[0], ds[1]])
+    batch.pop("uid")
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    # a (image, task) pair left out of the step has no prediction, so no loss term
+    known_scores = ~torch.isnan(out.scores)
+    num_h = len(config.heatmap_names)
+    expected = torch.zeros_like(known_scores)
+    for i, t in zip(batch["image_index"].tolist(), batch["task_ids"].tolist()):
+        if num_h <= t < num_h + len(config.score_names):
+            expected[i, t - num_h] = True
+    assert torch.equal(known_scores, expected)
+
+
+def test_tasks_per_image_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="tasks_per_image"):
+        _augmented_collator(0)
+    sampled, _ = _augmented_collator(2)
+    item = RichFeedbackTorchDataset(_split(1), heatmap_size=16)[0]
+    item.pop("sample_seed")
+    with pytest.raises(ValueError, match="sample_seed"):
+        sampled([item])

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..keywords import split_prompt_words
@@ -29,6 +30,10 @@ class RAHFCollator:
             picked from the items' `scores`, which follow `rahf.data.schema.SCORE_NAMES`. Defaults to all of them.
         heatmap_names (`Sequence[str]`, *optional*): the model's heatmaps (`config.heatmap_names`), picked from the
             items' `heatmaps` (in `rahf.data.schema.HEATMAP_NAMES` order). Defaults to all of them.
+        tasks_per_image (`int`, *optional*): augmented-prompt variant only: keep this many of each image's task rows,
+            drawn without replacement from the item's `sample_seed` (so a resumed run draws the same ones). Every row
+            costs a pass of the fusion encoder, so fewer rows per image make a step that much cheaper; the loss
+            averages over the rows kept. `None` keeps every task (the paper's setting).
 
     Examples:
 
@@ -46,8 +51,12 @@ class RAHFCollator:
         processor,
         score_names: Sequence[str] | None = None,
         heatmap_names: Sequence[str] | None = None,
+        tasks_per_image: int | None = None,
     ):
+        if tasks_per_image is not None and (not isinstance(tasks_per_image, int) or tasks_per_image < 1):
+            raise ValueError(f"`tasks_per_image` must be None (all tasks) or an int >= 1, got {tasks_per_image!r}")
         self.processor = processor
+        self.tasks_per_image = tasks_per_image
         self.score_index = self._indices("score_names", score_names, SCORE_NAMES)
         self.heatmap_index = self._indices("heatmap_names", heatmap_names, HEATMAP_NAMES)
 
@@ -82,4 +91,24 @@ class RAHFCollator:
         batch["heatmap_labels"] = torch.stack([item["heatmaps"][self.heatmap_index] for item in items])  # (B, H, S, S)
         batch["score_labels"] = torch.stack([item["scores"][self.score_index] for item in items])  # (B, num_scores)
         batch["uid"] = [item.get("uid") for item in items]
+        if self.tasks_per_image is not None and "task_ids" in batch:
+            batch = self._sample_tasks(batch, items)
+        return batch
+
+    def _sample_tasks(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        image_index = batch["image_index"]
+        keep = torch.zeros(len(image_index), dtype=torch.bool)
+        for i, item in enumerate(items):
+            if "sample_seed" not in item:
+                raise ValueError(
+                    "`tasks_per_image` needs each item's `sample_seed` (RichFeedbackTorchDataset provides it)"
+                )
+            rows = torch.nonzero(image_index == i).flatten()
+            if self.tasks_per_image >= len(rows):
+                keep[rows] = True
+                continue
+            chosen = np.random.default_rng(item["sample_seed"]).choice(len(rows), self.tasks_per_image, replace=False)
+            keep[rows[torch.from_numpy(np.sort(chosen))]] = True
+        for key in ("input_ids", "attention_mask", "image_index", "task_ids"):
+            batch[key] = batch[key][keep]
         return batch

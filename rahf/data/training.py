@@ -76,7 +76,8 @@ class RichFeedbackTorchDataset(torch.utils.data.Dataset):
 
     Each item is a dict: `image` (PIL RGB, to be resized by the processor), `heatmaps` (float32 tensor
     (2, heatmap_size, heatmap_size) in [0, 1], implausibility then misalignment), `scores` (float32 tensor (4,) in
-    `SCORE_NAMES` order), `prompt`, `prompt_words`, `word_labels` and `uid`.
+    `SCORE_NAMES` order), `prompt`, `prompt_words`, `word_labels`, `uid` and `sample_seed` (an int fixed by
+    (seed, epoch, index), for the collator's own draws).
 
     Examples:
         >>> ds = RichFeedbackTorchDataset(split, heatmap_size=96, augment=True, seed=0)
@@ -167,6 +168,9 @@ class RichFeedbackTorchDataset(torch.utils.data.Dataset):
             "prompt_words": list(row["prompt_words"]),
             "word_labels": list(row["word_labels"]),
             "uid": row["uid"],
+            # Draws made after loading (e.g. which tasks of the augmented-prompt variant this step trains) take
+            # their own generator from this seed, a function of (seed, epoch, index) too.
+            "sample_seed": int(np.random.default_rng([self.seed, self.epoch, index, 1]).integers(2**62)),
         }
 
     def _augment(
