@@ -68,6 +68,11 @@ class RAHFConfig(PreTrainedConfig):
         decoder_attends_to (`str`, *optional*, defaults to `"all"`):
             `"all"`: the T5 decoder cross-attends to the fused image and text tokens (the paper's Fig. 3); `"text"`:
             to the text positions only (the first author's re-implementation).
+        keyword_threshold (`float`, *optional*):
+            How keywords are decoded. `None` (the paper's): greedy decoding. A probability in (0, 1): the decoder
+            writes the ` 0` marker after a word exactly when the marker's probability there is at least this, and
+            otherwise the likeliest other token, so a lower value trades precision for recall. `rahf train
+            --calibrate_keyword_threshold` picks it on the validation split and saves it here.
         max_text_length (`int`, *optional*, defaults to 128):
             Longest tokenized prompt (with its task string); longer prompts are truncated with a warning.
         max_target_length (`int`, *optional*, defaults to 192):
@@ -113,6 +118,7 @@ class RAHFConfig(PreTrainedConfig):
     score_head_num_convs: int = 6
     score_head_hidden_size: int = 512
     decoder_attends_to: Literal["all", "text"] = "all"
+    keyword_threshold: float | None = None
     max_text_length: int = 128
     max_target_length: int = 192
     image_mean: list[float] | None = None
@@ -134,6 +140,11 @@ class RAHFConfig(PreTrainedConfig):
             raise ValueError(f"`heatmap_loss` must be 'mse' or 'bce', got {self.heatmap_loss!r}")
         if self.decoder_attends_to not in ("all", "text"):
             raise ValueError(f"`decoder_attends_to` must be 'all' or 'text', got {self.decoder_attends_to!r}")
+        if self.keyword_threshold is not None and not 0.0 < float(self.keyword_threshold) < 1.0:
+            raise ValueError(
+                f"`keyword_threshold` must be None (greedy decoding) or a probability in (0, 1), "
+                f"got {self.keyword_threshold!r}"
+            )
         self.score_names = list(self.score_names or DEFAULT_SCORE_NAMES)
         self.heatmap_names = list(self.heatmap_names or DEFAULT_HEATMAP_NAMES)
         names = self.heatmap_names + self.score_names

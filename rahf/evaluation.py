@@ -51,6 +51,7 @@ __all__ = [
     "SCORE_NAMES",
     "evaluate",
     "main",
+    "misaligned_indices",
     "render_tables",
     "write_comparison_report",
 ]
@@ -191,7 +192,8 @@ def _gt_map(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def _misaligned(word_labels: Sequence[int]) -> list[int]:
+def misaligned_indices(word_labels: Sequence[int]) -> list[int]:
+    """A record's `word_labels` (0 = misaligned, 1 = aligned) -> the indices of its misaligned words."""
     return [i for i, label in enumerate(word_labels) if int(label) == 0]
 
 
@@ -322,7 +324,7 @@ def evaluate(
                     heat[h].add(_resize_map(pred, *gt_maps[h].shape), gt_maps[h])
                 except ValueError as err:
                     raise ValueError(f"record {index} ({h} heatmap): {err}") from err
-            gt_kw = _misaligned(rows["word_labels"][i])
+            gt_kw = misaligned_indices(rows["word_labels"][i])
             pred_kw = sorted(int(k) for k in (fb.misaligned_word_indices or []))
             keywords_seen = keywords_seen or bool(pred_kw)
             gt_keywords.append(gt_kw)

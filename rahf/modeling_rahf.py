@@ -22,6 +22,7 @@ from transformers import (
     T5ForConditionalGeneration,
     ViTModel,
 )
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
@@ -112,6 +113,29 @@ class RAHFScoreHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         pooled = self.convs(features).mean(dim=(2, 3))  # (B, C)
         return torch.sigmoid(self.mlp(pooled))
+
+
+class KeywordMarkerThresholdLogitsProcessor(LogitsProcessor):
+    """Keyword decoding at a marker threshold: the ` 0` marker is written exactly when its probability is at least
+    `threshold` (and the previous token is not already a marker); otherwise it is ruled out and greedy search takes
+    the likeliest other token. `threshold=0.5` is greedy decoding up to ties."""
+
+    def __init__(self, marker_token_id: int, threshold: float):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"`threshold` must be a probability in (0, 1), got {threshold!r}")
+        self.marker_token_id = int(marker_token_id)
+        self.threshold = float(threshold)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        marker = self.marker_token_id
+        p = scores.float().softmax(dim=-1)[:, marker]
+        write = (p >= self.threshold) & (input_ids[:, -1] != marker)
+        out = scores.clone()
+        low = torch.finfo(out.dtype).min
+        out[write] = low
+        out[write, marker] = 0.0
+        out[~write, marker] = low
+        return out
 
 
 class RAHFPreTrainedModel(PreTrainedModel):
@@ -423,12 +447,25 @@ class RAHFModel(RAHFPreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
+        keyword_threshold: float | None = None,
+        marker_token_id: int | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Greedy-decodes the ` 0`-marked keyword sequence for each row of `input_ids` -> (R, T) token ids.
 
         In the augmented-prompt variant the rows must carry the keywords task string (RAHFProcessor does this).
+        `keyword_threshold` (default: `config.keyword_threshold`) decodes at a marker threshold (see
+        [`RAHFConfig`]); it needs `marker_token_id`, the id of the ` 0` marker (`RAHFProcessor.marker_token_id`).
         """
+        threshold = keyword_threshold if keyword_threshold is not None else self.config.keyword_threshold
+        if threshold is not None:
+            if marker_token_id is None:
+                raise ValueError(
+                    "decoding at a `keyword_threshold` needs `marker_token_id` (RAHFProcessor.marker_token_id)"
+                )
+            processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+            processors.append(KeywordMarkerThresholdLogitsProcessor(marker_token_id, threshold))
+            generate_kwargs["logits_processor"] = processors
         if image_embeds is None:
             image_embeds = self.get_image_features(pixel_values)
         if image_index is None:
@@ -444,6 +481,6 @@ class RAHFModel(RAHFPreTrainedModel):
         )
 
 
-__all__ = ["RAHFModel", "RAHFOutput", "RAHFPreTrainedModel"]
+__all__ = ["KeywordMarkerThresholdLogitsProcessor", "RAHFModel", "RAHFOutput", "RAHFPreTrainedModel"]
 
 AutoModel.register(RAHFConfig, RAHFModel, exist_ok=True)

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,8 @@ class RichFeedbackPredictor:
     Runs a trained RAHF model on images of any size: scores, heatmaps (at each image's own size) and misaligned words.
 
     The vision tower runs once per image however many outputs are asked for; in the augmented-prompt variant the
-    task prompts of a batch go through the T5 encoder together.
+    task prompts of a batch go through the T5 encoder together. Keywords are decoded greedily, or at a marker
+    threshold: `keyword_threshold` here, else the model's `config.keyword_threshold` (see [`RAHFConfig`]).
 
     Examples:
 
@@ -119,9 +121,12 @@ class RichFeedbackPredictor:
         device: str | torch.device | None = None,
         batch_size: int = 8,
         max_new_tokens: int | None = None,
+        keyword_threshold: float | None = None,
     ):
         self.model = model.eval()
         self.processor = processor
+        # None: the model's own setting (config.keyword_threshold; None there = greedy decoding)
+        self.keyword_threshold = keyword_threshold
         if device is not None:
             self.model.to(device)
         self.batch_size = int(batch_size)
@@ -187,6 +192,12 @@ class RichFeedbackPredictor:
             results += self._predict_batch(batch_images, prompts[start : start + self.batch_size], tasks)
         return results
 
+    def _keyword_decoding(self) -> dict[str, Any]:
+        threshold = self.keyword_threshold if self.keyword_threshold is not None else self.model.config.keyword_threshold
+        if threshold is None:
+            return {}
+        return {"keyword_threshold": threshold, "marker_token_id": self.processor.marker_token_id}
+
     def _predict_batch(self, images: list[Image.Image], prompts: list[str], tasks: list[str]) -> list[RichFeedback]:
         cfg = self.model.config
         device = self.device
@@ -211,6 +222,7 @@ class RichFeedbackPredictor:
                 image_embeds=image_embeds,
                 image_index=enc["image_index"].to(device),
                 max_new_tokens=self.max_new_tokens,
+                **self._keyword_decoding(),
             )
             for feedback, indices in zip(results, self.processor.decode_keywords(sequences, prompts)):
                 words = split_prompt_words(feedback.prompt)

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration_rahf import RAHFConfig
-from .keywords import decode_keyword_indices, encode_keyword_target, split_prompt_words
+from .keywords import MARKER, decode_keyword_indices, encode_keyword_target, split_prompt_words
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +364,18 @@ class RAHFProcessor:
         ids = enc["input_ids"].clone()
         ids[enc["attention_mask"] == 0] = -100
         return ids
+
+    @property
+    def marker_token_id(self) -> int:
+        """Token id of the ` 0` marker as it follows a word in keyword targets (for threshold decoding)."""
+        word = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        marked = self.tokenizer(f"a {MARKER}", add_special_tokens=False)["input_ids"]
+        if len(marked) != len(word) + 1 or marked[: len(word)] != word:
+            raise ValueError(
+                f"this tokenizer writes the keyword marker ' {MARKER}' as {marked[len(word):]} rather than one token; "
+                "threshold decoding (`keyword_threshold`) needs a single-token marker: leave keyword_threshold unset"
+            )
+        return int(marked[-1])
 
     def decode_keywords(
         self, sequences: torch.Tensor | Sequence[str], prompts: Sequence[str]

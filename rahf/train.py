@@ -25,7 +25,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import yaml
 from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader, Sampler
 
+from .configuration_rahf import KEYWORDS_TASK
 from .job_args import uses_cpu_processes
 from .training_args import RAHFTrainingArguments, parse_training_args
 
@@ -49,6 +50,7 @@ __all__ = [
     "build_lr_scheduler",
     "build_model_and_processor",
     "build_optimizer",
+    "calibrate_keyword_threshold",
     "evaluate",
     "list_checkpoints",
     "main",
@@ -556,11 +558,18 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         eval_dataset = RichFeedbackTorchDataset(eval_split, heatmap_size=config.heatmap_size)
     elif args.validation_split:
         logger.warning("no %r split in %s: training without validation", args.validation_split, args.data_dir)
-    collator = RAHFCollator(processor, config.score_names, config.heatmap_names)
+    tasks_per_image = args.tasks_per_image
+    if tasks_per_image is not None and getattr(config, "variant", None) != "augmented_prompt":
+        logger.warning("`tasks_per_image` applies to the augmented-prompt variant only: ignored")
+        tasks_per_image = None
+    collator = RAHFCollator(processor, config.score_names, config.heatmap_names, tasks_per_image=tasks_per_image)
+    eval_collator = RAHFCollator(processor, config.score_names, config.heatmap_names)  # validation sees every task
 
     # 2. DDP needs find_unused_parameters only when some trainable parameter gets no gradient (e.g. a CLIP tower's
     # post-layernorm): check once on a real batch rather than pay for the search every step.
     find_unused = args.ddp_find_unused_parameters
+    if find_unused is None and state.num_processes > 1 and tasks_per_image is not None:
+        find_unused = True  # a rank's batch may, rarely, hold no row of some head
     if find_unused is None and state.num_processes > 1:
         unused = _unused_parameters(model, collator([train_dataset[0]]), state.device)
         find_unused = bool(unused)
@@ -625,7 +634,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
             eval_dataset,
             batch_size=args.eval_batch_size,
             shuffle=False,
-            collate_fn=collator,
+            collate_fn=eval_collator,
             num_workers=args.dataloader_num_workers,
             pin_memory=pin,
             generator=torch.Generator().manual_seed(args.seed),
@@ -832,7 +841,21 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         last_validation = run_validation(global_step)
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
+    calibration = None
     if accelerator.is_main_process:
+        if args.calibrate_keyword_threshold and eval_dataset is not None:
+            calibration = calibrate_keyword_threshold(
+                accelerator.unwrap_model(model), processor, eval_dataset.split, batch_size=args.eval_batch_size
+            )
+            if calibration is not None:
+                accelerator.log(
+                    {
+                        "val/keyword_f1_greedy": calibration["f1_greedy"],
+                        "val/keyword_f1": calibration["f1"],
+                        "val/keyword_threshold": calibration["threshold"] or 0.0,
+                    },
+                    step=global_step,
+                )
         accelerator.unwrap_model(model).save_pretrained(final_dir)
         processor.save_pretrained(final_dir)
         (final_dir / "training_summary.json").write_text(
@@ -841,6 +864,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                     "global_step": global_step,
                     "train_seconds": time.perf_counter() - start_time,
                     "validation": {k: _json_value(v) for k, v in last_validation.items()},
+                    "keyword_threshold_calibration": calibration,
                 },
                 indent=2,
             )
@@ -853,6 +877,49 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     accelerator.end_training()
     accelerator.free_memory()
     return {"global_step": global_step, "final_dir": str(final_dir), "validation": last_validation}
+
+
+KEYWORD_THRESHOLDS = (0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
+
+
+@torch.no_grad()
+def calibrate_keyword_threshold(
+    model, processor, split, thresholds: Sequence[float] = KEYWORD_THRESHOLDS, batch_size: int = 64
+) -> dict[str, Any] | None:
+    """Picks the keyword decoding of best F1 on a held-out split and sets it as `model.config.keyword_threshold`.
+
+    Greedy decoding (`None`, the paper's) and each marker threshold in `thresholds` decode the split's keywords;
+    the best F1 wins, greedy on ties. Returns `{"threshold", "f1", "f1_greedy", "table"}`, or `None` for a model that
+    writes no keywords. Run it on a validation split, never on the split you report.
+    """
+    from .evaluation import misaligned_indices
+    from .metrics import keyword_prf
+    from .predictor import RichFeedbackPredictor
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "rahf" or KEYWORDS_TASK not in config.task_names:
+        return None
+    was_training = model.training
+    predictor = RichFeedbackPredictor(model, processor, batch_size=batch_size)
+    images = [image.convert("RGB") for image in split["image"]]
+    prompts = list(split["prompt"])
+    gt = [misaligned_indices(labels) for labels in split["word_labels"]]
+    table = []
+    for threshold in (None, *thresholds):
+        predictor.keyword_threshold = threshold
+        config.keyword_threshold = None  # the predictor's value decides while calibrating
+        feedback = predictor(images, prompts, outputs=[KEYWORDS_TASK])
+        precision, recall, f1 = keyword_prf([f.misaligned_word_indices for f in feedback], gt)
+        table.append({"threshold": threshold, "precision": precision, "recall": recall, "f1": f1})
+    best = max(table, key=lambda row: row["f1"])  # first maximum: greedy wins ties, then higher thresholds
+    config.keyword_threshold = best["threshold"]
+    model.train(was_training)
+    logger.info(
+        "keyword decoding on %d validation records: greedy F1 %.3f; %s F1 %.3f -> config.keyword_threshold = %s",
+        len(prompts), table[0]["f1"], "best threshold" if best["threshold"] else "greedy is best,", best["f1"],
+        best["threshold"],
+    )
+    return {"threshold": best["threshold"], "f1": best["f1"], "f1_greedy": table[0]["f1"], "table": table}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,13 @@ class RAHFTrainingArguments:
     augment: bool = field(
         default=False, metadata={"help": "random crop, colour jitter, JPEG and greyscale (REFERENCE.md)"}
     )
+    tasks_per_image: int | None = field(
+        default=None,
+        metadata={
+            "help": "augmented-prompt variant: train a random N of each image's task rows per step (default: all); "
+            "each row is a pass of the fusion encoder, so steps get about that much cheaper"
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes (0: main)"})
 
     # ---- schedule
@@ -122,6 +129,13 @@ class RAHFTrainingArguments:
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "'latest' (the newest checkpoint-* in output_dir, if any) or a checkpoint path"},
+    )
+    calibrate_keyword_threshold: bool = field(
+        default=False,
+        metadata={
+            "help": "after training, pick the keyword decoding (greedy or a marker threshold) of best F1 on the "
+            "validation split and save it in the model's config (keyword_threshold)"
+        },
     )
     validation_steps: int | None = field(
         default=None, metadata={"help": "validate every N steps (always at the end, when there is a validation split)"}
@@ -183,6 +197,8 @@ class RAHFTrainingArguments:
             )
         if self.report_to not in REPORT_TO:
             raise ValueError(f"`report_to` must be one of {list(REPORT_TO)}, got {self.report_to!r}")
+        if self.tasks_per_image is not None and self.tasks_per_image < 1:
+            raise ValueError(f"`tasks_per_image` must be >= 1 (or unset: all tasks), got {self.tasks_per_image}")
         if self.variant is not None and self.variant not in ("multi_head", "augmented_prompt"):
             raise ValueError(f"`variant` must be multi_head or augmented_prompt, got {self.variant!r}")
         if self.max_grad_norm < 0:

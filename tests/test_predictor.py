@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rahf import RichFeedbackPredictor
-from rahf.testing import tiny_rahf_model, tiny_rahf_processor
+from rahf.testing import tiny_rahf_config, tiny_rahf_model, tiny_rahf_processor
 
 IMAGES = [Image.new("RGB", (50, 30), (200, 0, 0)), Image.new("L", (24, 24), 90), Image.new("RGB", (64, 64))]
 PROMPTS = ["a red circle", "a grey square on a table", "a black night"]
@@ -73,3 +74,78 @@ def test_from_pretrained(tmp_path):
     for x, y in zip(a, b):
         assert x.scores == y.scores
         np.testing.assert_array_equal(x.heatmaps["implausibility"], y.heatmaps["implausibility"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Keyword decoding at a marker threshold
+
+
+def test_marker_threshold_processor_writes_the_marker_exactly_above_the_threshold():
+    from rahf.modeling_rahf import KeywordMarkerThresholdLogitsProcessor
+
+    marker = 3
+    probs = torch.tensor([[0.1, 0.5, 0.1, 0.3], [0.1, 0.5, 0.1, 0.3], [0.05, 0.05, 0.1, 0.8]])
+    scores = probs.log()
+    previous = torch.tensor([[7], [7], [marker]])  # the third row has just written a marker
+    low = KeywordMarkerThresholdLogitsProcessor(marker, 0.25)(previous, scores.clone())
+    assert low.argmax(-1).tolist() == [marker, marker, 2]  # p = 0.3 >= 0.25; never two markers in a row
+    high = KeywordMarkerThresholdLogitsProcessor(marker, 0.5)(previous, scores.clone())
+    assert high.argmax(-1).tolist() == [1, 1, 2]  # p = 0.3 < 0.5: the likeliest other token
+    # the other tokens keep their order when the marker is ruled out
+    assert torch.equal(high[0, :3], scores[0, :3])
+    with pytest.raises(ValueError, match="threshold"):
+        KeywordMarkerThresholdLogitsProcessor(marker, 1.0)
+
+
+def test_generate_keywords_at_a_threshold_writes_the_marker_exactly_when_likely_enough():
+    model = tiny_rahf_model("multi_head")
+    processor = tiny_rahf_processor("multi_head")
+    marker = processor.marker_token_id
+    assert processor.tokenizer.convert_ids_to_tokens([marker]) == ["\u01200"]  # the byte-level BPE's " 0"
+    images = [Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 30, 200))]
+    enc = processor.encode_prompts(["a red circle on a table", "two blue squares"], tasks=["keywords"])
+    kwargs = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                  pixel_values=processor.preprocess_images(images), max_new_tokens=12)
+    # An output layer of zeros makes every token equally likely (1 / V): a threshold just under that writes the
+    # marker first and then after every other token; one just over it never writes it.
+    torch.nn.init.zeros_(model.text_model.lm_head.weight)
+    vocab = model.text_model.lm_head.weight.shape[0]
+    always = model.generate_keywords(**kwargs, keyword_threshold=0.9 / vocab, marker_token_id=marker)
+    assert (always[:, 1::2] == marker).all() and not (always[:, 2::2] == marker).any()
+    never = model.generate_keywords(**kwargs, keyword_threshold=1.1 / vocab, marker_token_id=marker)
+    assert not (never == marker).any()
+    # without a threshold, greedy search takes the first of the equally likely tokens, never the marker
+    assert not (model.generate_keywords(**kwargs) == marker).any()
+    with pytest.raises(ValueError, match="marker_token_id"):
+        model.generate_keywords(**kwargs, keyword_threshold=0.3)
+
+
+def test_predictor_decodes_at_its_threshold_else_the_models(monkeypatch):
+    model = tiny_rahf_model("multi_head")
+    processor = tiny_rahf_processor("multi_head")
+    seen = []
+    original = model.generate_keywords
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("keyword_threshold"), kwargs.get("marker_token_id")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate_keywords", spy)
+    image, prompt = Image.new("RGB", (32, 32)), "a red circle"
+    RichFeedbackPredictor(model, processor)([image], [prompt], outputs="keywords")
+    RichFeedbackPredictor(model, processor, keyword_threshold=0.3)([image], [prompt], outputs="keywords")
+    model.config.keyword_threshold = 0.4
+    RichFeedbackPredictor(model, processor)([image], [prompt], outputs="keywords")
+    marker = processor.marker_token_id
+    assert seen == [(None, None), (0.3, marker), (0.4, marker)]
+
+
+def test_keyword_threshold_config_round_trip_and_bad_values(tmp_path):
+    from rahf import RAHFModel
+
+    model = tiny_rahf_model("multi_head", keyword_threshold=0.3)
+    model.save_pretrained(tmp_path)
+    assert RAHFModel.from_pretrained(tmp_path).config.keyword_threshold == 0.3
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="keyword_threshold"):
+            tiny_rahf_config(keyword_threshold=bad)

@@ -260,6 +260,7 @@ def test_run_writes_pruned_checkpoints_logs_and_a_loadable_final_model(tiny_setu
                 "2",
                 "--validation_steps",
                 "4",
+                "--calibrate_keyword_threshold",
             ]
         )
         == 0
@@ -287,6 +288,13 @@ def test_run_writes_pruned_checkpoints_logs_and_a_loadable_final_model(tiny_setu
     assert [r["step"] for r in val_lines] == [4, 7]
     assert {"val/heatmap_loss", "val/score_loss", "val/sequence_loss", "val/plcc_plausibility"} <= val_lines[0].keys()
     assert val_lines[0]["val/num_samples"] == 8
+
+    # the keyword decoding was chosen on the validation split and saved with the model
+    calibration = json.loads((out / "final" / "training_summary.json").read_text())["keyword_threshold_calibration"]
+    assert [row["threshold"] for row in calibration["table"]] == [None, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1]
+    assert calibration["f1"] == max(row["f1"] for row in calibration["table"])
+    assert json.loads((out / "final" / "config.json").read_text()).get("keyword_threshold") == calibration["threshold"]
+    assert "val/keyword_f1_greedy" in lines[-1]
 
     predictor = RichFeedbackPredictor.from_pretrained(out / "final")
     [feedback] = predictor([Image.new("RGB", (48, 40), (200, 30, 30))], ["a red circle on a table"])
@@ -346,7 +354,8 @@ def test_resume_after_a_crash_reaches_the_same_weights(tiny_setup, tmp_path):
 
 def test_stop_at_max_train_steps_then_continue(tiny_setup, tmp_path):
     """`--max_train_steps 4`, then the same job with `--max_train_steps 8 --resume_from_checkpoint latest`, equals an
-    8-step run (a constant schedule: cosine and linear schedules depend on the total number of steps)."""
+    8-step run (a constant schedule: cosine and linear schedules depend on the total number of steps). The
+    augmented-prompt variant with `--tasks_per_image`: the resumed run draws the same task rows."""
     data, config = tiny_setup
     common = [
         "--train_batch_size",
@@ -357,6 +366,8 @@ def test_stop_at_max_train_steps_then_continue(tiny_setup, tmp_path):
         2,
         "--variant",
         "augmented_prompt",
+        "--tasks_per_image",
+        3,
     ]
     once = tmp_path / "once"
     _run(*_argv(data, config, once, *common, "--max_train_steps", 8))
@@ -399,3 +410,40 @@ def test_8bit_adam_bf16_run_without_tensorboard(tiny_setup, tmp_path):
     )
     assert summary["global_step"] == 2 and (out / "checkpoint-2" / "optimizer.bin").is_file()
     assert not (out / "logs" / "train_log.jsonl").read_text().count("val/")
+
+
+def test_calibrate_keyword_threshold_picks_the_best_validation_f1_greedy_on_ties(monkeypatch):
+    from datasets import Dataset
+
+    from rahf.data.schema import FEATURES
+    from rahf.predictor import RichFeedback
+    from rahf.train import calibrate_keyword_threshold
+
+    rows = [
+        {"uid": f"u{i}", "image": Image.new("RGB", (8, 8)), "prompt": "a red circle", "plausibility": 0.5,
+         "alignment": 0.5, "aesthetics": 0.5, "overall": 0.5, "implausibility_map": Image.new("L", (8, 8)),
+         "misalignment_map": Image.new("L", (8, 8)), "prompt_words": ["a", "red", "circle"],
+         "word_labels": [1, 0, 1]}
+        for i in range(4)
+    ]
+    split = Dataset.from_list(rows, features=FEATURES)
+    # What each decoding "predicts" for every record: greedy misses the word, 0.3 finds it, 0.1 adds a wrong one.
+    marks = {None: [], 0.45: [], 0.4: [], 0.35: [], 0.3: [1], 0.25: [1], 0.2: [1], 0.15: [1, 2], 0.1: [0, 1, 2]}
+
+    def fake_call(self, images, prompts, outputs=None, show_progress=False):
+        assert outputs == ["keywords"] and self.model.config.keyword_threshold is None
+        return [RichFeedback(prompt=p, misaligned_word_indices=marks[self.keyword_threshold]) for p in prompts]
+
+    monkeypatch.setattr(RichFeedbackPredictor, "__call__", fake_call)
+    model = tiny_rahf_model("multi_head")
+    model.train()
+    result = calibrate_keyword_threshold(model, None, split)
+    assert result["threshold"] == 0.3  # the first (highest) of the thresholds with F1 1
+    assert (result["f1"], result["f1_greedy"]) == (1.0, 0.0)
+    assert model.config.keyword_threshold == 0.3 and model.training
+    # all equal: greedy stays
+    marks.update({k: [1] for k in marks})
+    assert calibrate_keyword_threshold(model, None, split)["threshold"] is None
+    assert model.config.keyword_threshold is None
+    # a baseline without keywords is left alone
+    assert calibrate_keyword_threshold(torch.nn.Linear(2, 2), None, split) is None
