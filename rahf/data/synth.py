@@ -131,9 +131,9 @@ class SynthConfig:
     """How the synthetic rich-feedback set is generated.
 
     Args:
-        num_train (`int`, *optional*, defaults to 4000): images in the `train` split.
-        num_validation (`int`, *optional*, defaults to 150): images in the `validation` split.
-        num_test (`int`, *optional*, defaults to 150): images in the `test` split.
+        num_train (`int`, *optional*, defaults to 8000): images in the `train` split.
+        num_validation (`int`, *optional*, defaults to 500): images in the `validation` split.
+        num_test (`int`, *optional*, defaults to 500): images in the `test` split.
         image_size (`int`, *optional*, defaults to 64): side of the square images, in pixels (at least 32).
         seed (`int`, *optional*, defaults to 0): everything (scenes, flaws, annotators) is a function of the seed.
         artifact_rate (`float`, *optional*, defaults to 0.6): probability that an image gets local artifacts
@@ -161,9 +161,9 @@ class SynthConfig:
         >>> dataset_dict = generate_synthetic("data/synth-small", config)
     """
 
-    num_train: int = 4000
-    num_validation: int = 150
-    num_test: int = 150
+    num_train: int = 8000
+    num_validation: int = 500
+    num_test: int = 500
     image_size: int = 64
     seed: int = 0
     artifact_rate: float = 0.6
