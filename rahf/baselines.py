@@ -538,7 +538,7 @@ class RAHFResNetModel(RAHFResNetPreTrainedModel):
         if pixel_values is None:
             raise ValueError("`pixel_values` is required: preprocess the images with BaselineProcessor")
         features = self.resnet(pixel_values=pixel_values).last_hidden_state  # (B, C, g, g)
-        heatmaps = self.heatmap_head(features)  # (B, num_h, S, S)
+        heatmaps = torch.sigmoid(self.heatmap_head(features))  # (B, num_h, S, S)
         if self.score_resnet is not None:
             pooled = self.score_resnet(pixel_values=pixel_values).pooler_output.flatten(1)  # (B, C)
         else:

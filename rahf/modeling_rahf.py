@@ -75,7 +75,8 @@ class RAHFOutput(ModelOutput):
 
 
 class RAHFHeatmapHead(nn.Module):
-    """Feature map -> conv -> transposed convs (x2 each) -> 1x1 conv -> sigmoid, resized to `heatmap_size`."""
+    """Feature map -> conv -> transposed convs (x2 each) -> 1x1 conv, resized to `heatmap_size`: the heatmap's logits
+    (a sigmoid gives the heatmap; the BCE loss works on the logits, so that saturated pixels keep their gradient)."""
 
     def __init__(self, in_channels: int, channels: int, grid: int, heatmap_size: int, out_channels: int):
         super().__init__()
@@ -94,7 +95,7 @@ class RAHFHeatmapHead(nn.Module):
         logits = self.out(self.body(features))  # (B, C, H', W')
         if logits.shape[-1] != self.heatmap_size:
             logits = F.interpolate(logits, size=(self.heatmap_size,) * 2, mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits)
+        return logits
 
 
 class RAHFScoreHead(nn.Module):
@@ -357,24 +358,28 @@ class RAHFModel(RAHFPreTrainedModel):
 
         if multi:
             rows_h = rows_s = rows_k = torch.arange(num_rows, device=fused.device)
-            heatmaps = self.heatmap_head(feature_map)  # (R, num_h, S, S)
+            heatmap_logits = self.heatmap_head(feature_map)  # (R, num_h, S, S)
             scores = self.score_head(feature_map)  # (R, num_s)
             if num_rows != batch_size:  # several prompts per image (unusual): the last row of each image wins
-                heatmaps = heatmaps.new_zeros(batch_size, num_h, size, size).index_copy(0, image_index, heatmaps)
+                heatmap_logits = heatmap_logits.new_full((batch_size, num_h, size, size), float("-inf")).index_copy(
+                    0, image_index, heatmap_logits
+                )
                 scores = scores.new_zeros(batch_size, num_s).index_copy(0, image_index, scores)
         else:
             task_ids = task_ids.to(fused.device)
             rows_h = torch.nonzero(task_ids < num_h).flatten()
             rows_s = torch.nonzero((task_ids >= num_h) & (task_ids < num_h + num_s)).flatten()
             rows_k = torch.nonzero(task_ids == cfg.task_names.index(KEYWORDS_TASK)).flatten()
-            heatmaps = fused.new_full((batch_size, num_h, size, size), float("nan"))
+            heatmap_logits = fused.new_full((batch_size, num_h, size, size), float("nan"))
             scores = fused.new_full((batch_size, num_s), float("nan"))
             if len(rows_h):
                 pred = self.heatmap_head(feature_map[rows_h])[:, 0]  # (R_h, S, S)
-                heatmaps = heatmaps.index_put((image_index[rows_h], task_ids[rows_h]), pred)
+                heatmap_logits = heatmap_logits.index_put((image_index[rows_h], task_ids[rows_h]), pred)
             if len(rows_s):
                 pred = self.score_head(feature_map[rows_s])[:, 0]  # (R_s,)
                 scores = scores.index_put((image_index[rows_s], task_ids[rows_s] - num_h), pred)
+
+        heatmaps = torch.sigmoid(heatmap_logits)  # NaN (a task not asked for) stays NaN
 
         # Keyword sequence (teacher forcing), only when asked for: inference uses `generate_keywords`.
         sequence_logits = None
@@ -401,10 +406,10 @@ class RAHFModel(RAHFPreTrainedModel):
             known = ~torch.isnan(heatmaps)
             if known.any():
                 if cfg.heatmap_loss == "bce":
-                    # Written out in float32: F.binary_cross_entropy refuses to run under CUDA autocast.
-                    p = heatmaps[known].float().clamp(1e-6, 1 - 1e-6)
-                    y = heatmap_labels[known].float()
-                    heatmap_loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+                    # On the logits, in float32: no clamp, so saturated pixels keep their gradient, and autocast-safe.
+                    heatmap_loss = F.binary_cross_entropy_with_logits(
+                        heatmap_logits[known].float(), heatmap_labels[known].float()
+                    )
                 else:
                     heatmap_loss = F.mse_loss(heatmaps[known], heatmap_labels[known])
                 terms.append(cfg.heatmap_loss_weight * heatmap_loss)
