@@ -163,7 +163,7 @@ def _train_all(
 
     from tqdm.auto import tqdm
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(len(names), cores))
     threads = max(1, cores // workers)
     env = dict(os.environ)
@@ -211,6 +211,7 @@ def _train_all(
     finally:
         for proc, log, _ in running.values():
             proc.kill()
+            proc.wait()
             log.close()
         for bar in bars.values():
             bar.close()
@@ -245,31 +246,25 @@ def _repair_inputs(data_dir: Path, test, count: int):
 def _keyword_decoding(model_dirs: dict[str, Path], test) -> dict[str, dict[str, Any]]:
     """For each RAHF model whose training calibrated a keyword threshold: the validation figures of that choice and
     the test keywords with greedy decoding, so that the report shows what the threshold changed."""
-    from .evaluation import misaligned_indices
-    from .metrics import keyword_prf
     from .modeling_rahf import RAHFModel
-    from .predictor import RichFeedbackPredictor
     from .processing_rahf import RAHFProcessor
+    from .train import keyword_scores_at_thresholds
 
     out: dict[str, dict[str, Any]] = {}
-    gt = [misaligned_indices(labels) for labels in test["word_labels"]]
-    images = [image.convert("RGB") for image in test["image"]]
     for name in RAHF_MODELS:
         summary_file = model_dirs[name] / "training_summary.json"
         if not summary_file.is_file():
             continue
         calibration = json.loads(summary_file.read_text()).get("keyword_threshold_calibration")
-        model = RAHFModel.from_pretrained(model_dirs[name])
-        if not calibration or model.config.keyword_threshold is None:
+        if not calibration or calibration.get("threshold") is None:
             continue
-        model.config.keyword_threshold = None  # greedy
-        predictor = RichFeedbackPredictor(model, RAHFProcessor.from_pretrained(model_dirs[name]), batch_size=64)
-        feedback = predictor(images, list(test["prompt"]), outputs=["keywords"])
+        model = RAHFModel.from_pretrained(model_dirs[name])
+        [greedy] = keyword_scores_at_thresholds(model, RAHFProcessor.from_pretrained(model_dirs[name]), test, [None])
         out[name] = {
             "threshold": calibration["threshold"],
             "val_f1": calibration["f1"],
             "val_f1_greedy": calibration["f1_greedy"],
-            "test_greedy": keyword_prf([f.misaligned_word_indices for f in feedback], gt),
+            "test_greedy": (greedy["precision"], greedy["recall"], greedy["f1"]),
         }
     return out
 

@@ -52,6 +52,7 @@ __all__ = [
     "build_optimizer",
     "calibrate_keyword_threshold",
     "evaluate",
+    "keyword_scores_at_thresholds",
     "list_checkpoints",
     "main",
     "parameters_checksum",
@@ -432,8 +433,6 @@ def _keyword_rows(batch: dict[str, Any], config) -> torch.Tensor:
     """Which image each row of `sequence_logits` belongs to (one keyword row per image)."""
     image_index = batch["image_index"]
     if "task_ids" in batch and batch["task_ids"] is not None:
-        from .configuration_rahf import KEYWORDS_TASK
-
         return image_index[batch["task_ids"] == config.task_names.index(KEYWORDS_TASK)]
     return image_index
 
@@ -450,8 +449,13 @@ def evaluate(model: torch.nn.Module, dataloader, accelerator, config) -> dict[st
         size = batch["pixel_values"].shape[0]
         per_sample: dict[str, torch.Tensor] = {}
         if getattr(out, "heatmaps", None) is not None and "heatmap_labels" in batch:
-            err = (out.heatmaps.float() - batch["heatmap_labels"].float()) ** 2
-            per_sample["heatmap_se"] = err.flatten(1).mean(1)  # (B,)
+            p, y = out.heatmaps.float(), batch["heatmap_labels"].float()
+            if getattr(config, "heatmap_loss", "mse") == "bce":  # the loss the model trains on
+                p = p.clamp(1e-6, 1 - 1e-6)
+                err = -(y * p.log() + (1 - y) * (1 - p).log())
+            else:
+                err = (p - y) ** 2
+            per_sample["heatmap_err"] = err.flatten(1).mean(1)  # (B,) per-pixel heatmap loss
         if getattr(out, "scores", None) is not None and "score_labels" in batch:
             per_sample["scores"] = out.scores.float()  # (B, num_scores)
             per_sample["score_labels"] = batch["score_labels"].float()
@@ -471,8 +475,8 @@ def evaluate(model: torch.nn.Module, dataloader, accelerator, config) -> dict[st
     cat = {k: torch.cat(v).numpy() for k, v in parts.items()}
     metrics: dict[str, float] = {}
     total = 0.0
-    if "heatmap_se" in cat:
-        metrics["heatmap_loss"] = float(cat["heatmap_se"].mean())
+    if "heatmap_err" in cat:
+        metrics["heatmap_loss"] = float(cat["heatmap_err"].mean())
         total += getattr(config, "heatmap_loss_weight", 1.0) * metrics["heatmap_loss"]
     if "scores" in cat:
         pred, gt = cat["scores"], cat["score_labels"]
@@ -538,6 +542,8 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         # transformers v5 renamed it; v4-style models only have the old name.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if args.calibrate_keyword_threshold and getattr(config, "model_type", None) == "rahf":
+        processor.marker_token_id  # noqa: B018 - fails now, with its reason, rather than after training
     data = load_rich_feedback(args.data_dir)
     if args.train_split not in data or len(data[args.train_split]) == 0:
         raise ValueError(
@@ -762,8 +768,9 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         disable=not accelerator.is_local_main_process,
     )
     head_names = ("loss", "heatmap_loss", "score_loss", "sequence_loss")
-    sums = torch.zeros(len(head_names), dtype=torch.float64)
-    counts = torch.zeros(len(head_names), dtype=torch.float64)
+    # Accumulated on the device: a .item() per head and micro-batch would make the CPU wait for the GPU each time.
+    sums = torch.zeros(len(head_names), dtype=torch.float32, device=accelerator.device)
+    counts = torch.zeros(len(head_names), dtype=torch.float32, device=accelerator.device)
     step_uids: list[str] = []
     grad_norm = None
     last_validation: dict[str, float] = {}
@@ -795,7 +802,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
             for i, name in enumerate(head_names):
                 value = getattr(outputs, name, None)
                 if value is not None:
-                    sums[i] += value.detach().float().item()
+                    sums[i] += value.detach().float()
                     counts[i] += 1
             step_uids += [str(u) for u in uids]
             if not accelerator.sync_gradients:
@@ -819,7 +826,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(global_step, epoch)
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                totals = accelerator.reduce(torch.stack([sums, counts]).to(accelerator.device), reduction="sum").cpu()
+                totals = accelerator.reduce(torch.stack([sums, counts]), reduction="sum").cpu()
                 record = {
                     name: float(totals[0, i] / totals[1, i]) for i, name in enumerate(head_names) if totals[1, i] > 0
                 }
@@ -883,6 +890,36 @@ KEYWORD_THRESHOLDS = (0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
 
 
 @torch.no_grad()
+def keyword_scores_at_thresholds(
+    model, processor, split, thresholds: Sequence[float | None] = (None,), batch_size: int = 64
+) -> list[dict[str, Any]]:
+    """Keyword precision / recall / F1 on `split` for each decoding in `thresholds` (None: greedy) ->
+    `[{"threshold", "precision", "recall", "f1"}, ...]`. The model's own `keyword_threshold` and train/eval mode are
+    left as they were."""
+    from .evaluation import misaligned_indices
+    from .metrics import keyword_prf
+    from .predictor import RichFeedbackPredictor
+
+    config = model.config
+    was_training, saved = model.training, config.keyword_threshold
+    config.keyword_threshold = None  # the predictor's threshold decides, and None there means greedy
+    predictor = RichFeedbackPredictor(model, processor, batch_size=batch_size)
+    images = [image.convert("RGB") for image in split["image"]]
+    prompts = list(split["prompt"])
+    gt = [misaligned_indices(labels) for labels in split["word_labels"]]
+    table = []
+    try:
+        for threshold in thresholds:
+            predictor.keyword_threshold = threshold
+            feedback = predictor(images, prompts, outputs=[KEYWORDS_TASK])
+            precision, recall, f1 = keyword_prf([f.misaligned_word_indices for f in feedback], gt)
+            table.append({"threshold": threshold, "precision": precision, "recall": recall, "f1": f1})
+    finally:
+        config.keyword_threshold = saved
+        model.train(was_training)
+    return table
+
+
 def calibrate_keyword_threshold(
     model, processor, split, thresholds: Sequence[float] = KEYWORD_THRESHOLDS, batch_size: int = 64
 ) -> dict[str, Any] | None:
@@ -892,31 +929,15 @@ def calibrate_keyword_threshold(
     the best F1 wins, greedy on ties. Returns `{"threshold", "f1", "f1_greedy", "table"}`, or `None` for a model that
     writes no keywords. Run it on a validation split, never on the split you report.
     """
-    from .evaluation import misaligned_indices
-    from .metrics import keyword_prf
-    from .predictor import RichFeedbackPredictor
-
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "rahf" or KEYWORDS_TASK not in config.task_names:
         return None
-    was_training = model.training
-    predictor = RichFeedbackPredictor(model, processor, batch_size=batch_size)
-    images = [image.convert("RGB") for image in split["image"]]
-    prompts = list(split["prompt"])
-    gt = [misaligned_indices(labels) for labels in split["word_labels"]]
-    table = []
-    for threshold in (None, *thresholds):
-        predictor.keyword_threshold = threshold
-        config.keyword_threshold = None  # the predictor's value decides while calibrating
-        feedback = predictor(images, prompts, outputs=[KEYWORDS_TASK])
-        precision, recall, f1 = keyword_prf([f.misaligned_word_indices for f in feedback], gt)
-        table.append({"threshold": threshold, "precision": precision, "recall": recall, "f1": f1})
+    table = keyword_scores_at_thresholds(model, processor, split, (None, *thresholds), batch_size)
     best = max(table, key=lambda row: row["f1"])  # first maximum: greedy wins ties, then higher thresholds
     config.keyword_threshold = best["threshold"]
-    model.train(was_training)
     logger.info(
         "keyword decoding on %d validation records: greedy F1 %.3f; %s F1 %.3f -> config.keyword_threshold = %s",
-        len(prompts), table[0]["f1"], "best threshold" if best["threshold"] else "greedy is best,", best["f1"],
+        len(split), table[0]["f1"], "best threshold" if best["threshold"] else "greedy is best,", best["f1"],
         best["threshold"],
     )
     return {"threshold": best["threshold"], "f1": best["f1"], "f1_greedy": table[0]["f1"], "table": table}

@@ -177,6 +177,7 @@ class RAHFTrainingArguments:
             "checkpoints_total_limit",
             "max_train_samples",
             "max_eval_samples",
+            "tasks_per_image",
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -197,8 +198,6 @@ class RAHFTrainingArguments:
             )
         if self.report_to not in REPORT_TO:
             raise ValueError(f"`report_to` must be one of {list(REPORT_TO)}, got {self.report_to!r}")
-        if self.tasks_per_image is not None and self.tasks_per_image < 1:
-            raise ValueError(f"`tasks_per_image` must be >= 1 (or unset: all tasks), got {self.tasks_per_image}")
         if self.variant is not None and self.variant not in ("multi_head", "augmented_prompt"):
             raise ValueError(f"`variant` must be multi_head or augmented_prompt, got {self.variant!r}")
         if self.max_grad_norm < 0:
