@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +35,14 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from pipelines.loading import register_rahf_components
 from rahf.modeling_rahf import RAHFModel
 from rahf.processing_rahf import RAHFProcessor
 
 logger = logging.getLogger(__name__)
+
+# Saving and loading the reward processor go through diffusers' registry (see pipelines/loading.py).
+register_rahf_components()
 
 __all__ = [
     "SUPPORTED_SCHEDULERS",
@@ -358,54 +361,6 @@ class RAHFGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         if reward_model is not None:
             reward_model.requires_grad_(False).eval()
         self.register_modules(reward_model=reward_model, reward_processor=reward_processor)
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Saving and loading. diffusers saves only subclasses of its LOADABLE_CLASSES; RAHFProcessor is a plain class with
-    # its own save_pretrained / from_pretrained, so the pipeline writes it to `reward_processor/` itself, keeps it out
-    # of model_index.json (diffusers would try, and fail, to load it) and passes it back in from_pretrained.
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        processor = self.reward_processor
-        entry = self.config.get("reward_processor")
-        if processor is not None:
-            self.register_to_config(reward_processor=(None, None))
-        try:
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            if processor is not None:
-                self.register_to_config(reward_processor=entry)
-        if processor is not None:
-            processor.save_pretrained(os.path.join(save_directory, "reward_processor"))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        if "reward_processor" not in kwargs:
-            folder = cls._reward_processor_folder(pretrained_model_name_or_path, kwargs)
-            if folder is not None:
-                kwargs["reward_processor"] = RAHFProcessor.from_pretrained(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @staticmethod
-    def _reward_processor_folder(path: str | os.PathLike, kwargs: dict[str, Any]) -> str | None:
-        local = os.path.join(path, "reward_processor")
-        if os.path.isdir(path):
-            return local if os.path.isdir(local) else None
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-        try:
-            root = snapshot_download(
-                str(path),
-                allow_patterns=["reward_processor/*"],
-                revision=kwargs.get("revision"),
-                cache_dir=kwargs.get("cache_dir"),
-                token=kwargs.get("token"),
-                local_files_only=kwargs.get("local_files_only", False),
-            )
-        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
-            return None
-        folder = os.path.join(root, "reward_processor")
-        return folder if os.path.isdir(folder) else None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Inputs

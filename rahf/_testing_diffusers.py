@@ -34,6 +34,7 @@ from diffusers import (
     UVit2DModel,
     VQModel,
 )
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = [
@@ -56,24 +57,10 @@ _EOS = "<|endoftext|>"
 _MODEL_MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The reversible byte -> printable-character map of GPT-2/CLIP byte-level BPE (the tokenizers `ByteLevel` one)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
 def _tiny_clip_vocab() -> dict[str, int]:
     # Same layout as CLIP's vocab.json: the 256 byte characters, the same with `</w>`, then the two special tokens
     # last, so that `eos` has the largest id (CLIPTextModel's legacy pooling takes the argmax of the input ids).
-    alphabet = sorted(_bytes_to_unicode().values())
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # GPT-2/CLIP's printable byte characters
     tokens = alphabet + [c + "</w>" for c in alphabet] + [_BOS, _EOS]
     return {token: i for i, token in enumerate(tokens)}
 
