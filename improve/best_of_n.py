@@ -42,6 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.loading import dtype_kwarg
+from rahf.job_args import parse_weight_spec, read_prompt_records
+
 from ._args import MIXED_PRECISIONS, parse_job_args, resolve_mixed_precision, uses_cpu_processes
 
 logger = logging.getLogger(__name__)
@@ -176,30 +179,7 @@ def read_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
     Returns:
         one dict per prompt with `prompt` and, for jsonl, the row's other fields (handed to the reward as metadata).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"`prompts_file` {str(path)!r} is not a file; pass a .txt (one prompt a line) or .jsonl file")
-    records: list[dict[str, Any]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
-            key = next((k for k in ("prompt", "text", "caption") if isinstance(row, dict) and k in row), None)
-            if key is None or not isinstance(row[key], str):
-                raise ValueError(f"{path}:{n}: each row needs a string `prompt` field, got {line[:80]!r}")
-            records.append({**{k: v for k, v in row.items() if k != key}, "prompt": row[key]})
-    else:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                records.append({"prompt": line})
-    if not records:
-        raise ValueError(f"`prompts_file` {str(path)!r} holds no prompts")
-    return records
+    return read_prompt_records(path, flag="prompts_file")
 
 
 def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -209,25 +189,7 @@ def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 def parse_reward_spec(spec: str | dict[str, float]) -> str | dict[str, float]:
     """`"overall"` -> `"overall"`; `"plausibility=0.5,aesthetics=0.5"` -> `{"plausibility": 0.5, "aesthetics": 0.5}`."""
-    if isinstance(spec, dict):
-        return {str(k): float(v) for k, v in spec.items()}
-    spec = str(spec).strip()
-    if "=" not in spec and "," not in spec:
-        if not spec:
-            raise ValueError("`reward` is empty; pass a name such as overall, or a mix 'plausibility=0.5,overall=0.5'")
-        return spec
-    weights: dict[str, float] = {}
-    for part in spec.split(","):
-        name, sep, weight = part.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError(part)
-            weights[name.strip()] = float(weight)
-        except ValueError as err:
-            raise ValueError(
-                f"`reward` {spec!r}: {part.strip()!r} is not NAME=WEIGHT; write e.g. 'plausibility=0.5,aesthetics=0.5'"
-            ) from err
-    return weights
+    return parse_weight_spec(spec, "reward", "plausibility=0.5,aesthetics=0.5")
 
 
 RewardFn = Callable[[Sequence[Image.Image], Sequence[str], Any], tuple[torch.Tensor, dict[str, Any]]]
@@ -235,13 +197,9 @@ RewardFn = Callable[[Sequence[Image.Image], Sequence[str], Any], tuple[torch.Ten
 
 def _registry_spec(spec: str | dict[str, float]) -> str | dict[str, float]:
     # In a mix, "-implausibility=0.5" means minus the mean heat: the registry's weights name the output itself.
-    if isinstance(spec, str):
-        return spec
-    weights: dict[str, float] = {}
-    for name, weight in spec.items():
-        sign, output = (-1.0, name[1:]) if name.startswith("-") else (1.0, name)
-        weights[output] = weights.get(output, 0.0) + sign * weight
-    return weights
+    from .reward import signed_weights
+
+    return spec if isinstance(spec, str) else signed_weights(spec)
 
 
 def build_reward_fn(spec: str | dict[str, float], reward_model: str, device: str | torch.device | None = None,
@@ -389,15 +347,6 @@ def _torch_dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    # diffusers renamed `torch_dtype` to `dtype` (and warns on the old name); float32 is the default under both.
-    if dtype == torch.float32:
-        return {}
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
-
-
 def load_text_to_image_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
                                 variant: str | None = None):
     """`DiffusionPipeline.from_pretrained`, with a clear error when the folder or hub id is not a pipeline."""
@@ -405,7 +354,7 @@ def load_text_to_image_pipeline(name_or_path: str, dtype: torch.dtype = torch.fl
 
     if not name_or_path:
         raise ValueError("pass `--pretrained_model_name_or_path` (a diffusers pipeline folder or hub id)")
-    kwargs: dict[str, Any] = _dtype_kwargs(dtype)
+    kwargs: dict[str, Any] = dtype_kwarg(dtype)
     if revision:
         kwargs["revision"] = revision
     if variant:

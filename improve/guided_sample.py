@@ -25,7 +25,9 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.loading import dtype_kwarg
 from pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
+from rahf.job_args import read_prompt_records
 from rahf.modeling_rahf import RAHFModel
 from rahf.predictor import RichFeedbackPredictor
 from rahf.processing_rahf import RAHFProcessor
@@ -143,27 +145,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GuidedSampleArguments:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """A .txt file (one prompt per non-empty line) or a .jsonl file (one record with a "prompt" per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"`--prompts_file` {str(path)!r} is not a file; pass a .txt (one prompt per line) or .jsonl")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON record ({err})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{n}: each record needs a string 'prompt', got {line[:80]!r}")
-            line = record["prompt"]
-        prompts.append(line)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+    """A .txt file (one prompt per non-empty line, `#` comments skipped) or a .jsonl file (one record with a
+    "prompt", or "text" / "caption", per line)."""
+    return [record["prompt"] for record in read_prompt_records(path)]
 
 
 def _caption(scale: float, scores: dict[str, float], label: str = "") -> str:
@@ -195,8 +179,8 @@ def guided_sample(
     width: int | None = None,
     **guidance_kwargs,
 ) -> dict[str, Any]:
-    """Generates every prompt with every seed at every scale (0 included), scores the final images with
-    `RichFeedbackPredictor`, and writes `images/`, `grid.png` and `summary.json` to `out_dir`.
+    """Generates every prompt with every seed at every scale (0 included), scores the final images (every RAHF score,
+    from the reward's own pass, or with `RichFeedbackPredictor` for a reward that does not report them all), and writes `images/`, `grid.png` and `summary.json` to `out_dir`.
 
     Args:
         sd_pipe: any Stable Diffusion pipeline (its scheduler must be one the guided pipeline supports).
@@ -212,10 +196,9 @@ def guided_sample(
     scales = sorted({0.0, *(float(s) for s in scales)})
     reward_model = reward_model.to(sd_pipe.device)
     reward_fn = get_reward(reward, reward_model=reward_model, reward_processor=reward_processor)
-    # from_pipe casts every component to `torch_dtype`, float32 unless told: keep a half-precision pipeline as it is.
-    dtype_kwargs = {} if sd_pipe.dtype == torch.float32 else {"torch_dtype": sd_pipe.dtype}
+    # from_pipe casts every component to float32 unless told: keep a half-precision pipeline as it is.
     pipe = RAHFGuidedStableDiffusionPipeline.from_pipe(
-        sd_pipe, reward_model=reward_model, reward_processor=reward_processor, **dtype_kwargs
+        sd_pipe, reward_model=reward_model, reward_processor=reward_processor, **dtype_kwarg(sd_pipe.dtype)
     )
     pipe.set_progress_bar_config(disable=True)
     predictor = RichFeedbackPredictor(reward_model, reward_processor)
@@ -245,10 +228,14 @@ def guided_sample(
         nonfinite_pixels[scale] += int((~np.isfinite(arrays)).sum())
         nonfinite_grads[scale] += out.num_nonfinite_grads
         images = pipe.numpy_to_pil(np.nan_to_num(arrays))
-        feedback = predictor(images, [prompt] * len(images), outputs="scores")
         with torch.no_grad():
-            targets, _ = reward_fn(images, [prompt] * len(images), None)
-        for seed, image, fb, target in zip(seeds, images, feedback, targets.tolist()):
+            targets, info = reward_fn(images, [prompt] * len(images), None)
+        reported = info.get("scores", {}) if isinstance(info, dict) else {}
+        if all(n in reported for n in score_names):  # a RAHF reward reports every score: no second pass
+            per_image = [{n: float(reported[n][i]) for n in score_names} for i in range(len(images))]
+        else:
+            per_image = [fb.scores for fb in predictor(images, [prompt] * len(images), outputs="scores")]
+        for seed, image, image_scores, target in zip(seeds, images, per_image, targets.tolist()):
             path = out_dir / "images" / f"p{p:03d}_seed{seed}_g{scale:g}.png"
             image.save(path)
             records.append(
@@ -259,7 +246,7 @@ def guided_sample(
                     "scale": scale,
                     "path": str(path.relative_to(out_dir)),
                     "target": target,
-                    "scores": fb.scores,
+                    "scores": image_scores,
                 }
             )
         logger.info("prompt %d scale %g: mean %s %.4f", p, scale, reward, float(np.mean(targets.tolist())))
@@ -347,9 +334,8 @@ def _load_sd_pipeline(args: GuidedSampleArguments, device: str):
     from diffusers import DiffusionPipeline
 
     dtype = _DTYPES[args.mixed_precision]
-    dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # float32 is the default
     pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, **dtype_kwargs
+        args.pretrained_model_name_or_path, revision=args.revision, **dtype_kwarg(dtype)
     )
     scheduler_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from pipelines.rahf_guided import RAHFReward, RewardFn, rahf_pixel_values
+from rahf.job_args import parse_weight_spec
 from rahf.modeling_rahf import RAHFModel
 from rahf.predictor import RichFeedbackPredictor
 from rahf.processing_rahf import ImageInput, RAHFProcessor, load_image
@@ -45,6 +46,7 @@ __all__ = [
     "images_to_tensor",
     "list_rewards",
     "parse_weights",
+    "signed_weights",
     "rahf_pixel_values",
     "register_reward",
 ]
@@ -166,23 +168,23 @@ def rahf_mix(
     return _rahf_factory(weights)(reward_model, reward_processor, report_all_scores=report_all_scores)
 
 
+def signed_weights(weights: dict[str, float]) -> dict[str, float]:
+    """`{"aesthetics": 0.7, "-implausibility": 0.3}` -> `{"aesthetics": 0.7, "implausibility": -0.3}`: a leading `-`
+    negates, as in the reward names, and the registry's weights name the output itself."""
+    out: dict[str, float] = {}
+    for name, weight in weights.items():
+        sign, output = (-1.0, name[1:]) if name.startswith("-") else (1.0, name)
+        out[output] = out.get(output, 0.0) + sign * float(weight)
+    return out
+
+
 def parse_weights(spec: str) -> dict[str, float]:
     """`"aesthetics=0.7,-implausibility=0.3"` -> `{"aesthetics": 0.7, "implausibility": -0.3}` (a leading `-` negates,
     as in the reward names), for command lines."""
-    weights: dict[str, float] = {}
-    for part in spec.split(","):
-        name, sep, weight = (x.strip() for x in part.partition("="))
-        try:
-            if not sep or not name.lstrip("-"):
-                raise ValueError(part)
-            value = float(weight)
-        except ValueError as err:
-            raise ValueError(
-                f"reward {spec!r}: {part.strip()!r} is not NAME=WEIGHT; write e.g. 'aesthetics=0.7,-implausibility=0.3'"
-            ) from err
-        sign, name = (-1.0, name[1:]) if name.startswith("-") else (1.0, name)
-        weights[name] = weights.get(name, 0.0) + sign * value
-    return weights
+    weights = parse_weight_spec(spec, "reward", "aesthetics=0.7,-implausibility=0.3")
+    if isinstance(weights, str):
+        raise ValueError(f"reward {spec!r} is not NAME=WEIGHT; write e.g. 'aesthetics=0.7,-implausibility=0.3'")
+    return signed_weights(weights)
 
 
 def get_reward(

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.loading import dtype_kwarg
+from rahf.job_args import parse_weight_spec
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -39,21 +42,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_rescore_with(value: str) -> str | dict[str, float]:
     """`"plausibility"` -> itself; `"plausibility=1,aesthetics=0.5"` -> `{"plausibility": 1.0, "aesthetics": 0.5}`."""
-    if "=" not in value:
-        return value.strip()
-    weights: dict[str, float] = {}
-    for part in value.split(","):
-        name, sep, weight = part.partition("=")
-        try:
-            weights[name.strip()] = float(weight)
-        except ValueError:
-            raise ValueError(
-                f"`--rescore_with` must be a score name or name=weight pairs such as 'plausibility=1,aesthetics=0.5', "
-                f"got {value!r}"
-            ) from None
-        if not sep or not name.strip():
-            raise ValueError(f"`--rescore_with`: {part!r} is not name=weight")
-    return weights
+    return parse_weight_spec(value, "--rescore_with", "plausibility=1,aesthetics=0.5")
 
 
 def rahf_inpaint_class_for(pipe: Any) -> type:
@@ -72,15 +61,6 @@ def rahf_inpaint_class_for(pipe: Any) -> type:
         f"`inpainter` must be a Stable Diffusion inpainting or an aMUSEd pipeline, got {type(pipe).__name__} with "
         f"components {sorted(components)}"
     )
-
-
-def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """`{"dtype": dtype}` for diffusers that renamed `torch_dtype` (0.36+), else `{"torch_dtype": dtype}`."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (exists since the rename)
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
 
 
 def from_inpaint_pipe(pipe: Any, reward_model: Any, reward_processor: Any) -> Any:

@@ -27,7 +27,7 @@ RAHF_LOADABLE_CLASSES = {
     "rahf.processing_rahf": {"RAHFProcessor": ["save_pretrained", "from_pretrained"]},
 }
 
-__all__ = ["RAHF_LOADABLE_CLASSES", "register_rahf_components"]
+__all__ = ["RAHF_LOADABLE_CLASSES", "dtype_kwarg", "register_rahf_components"]
 
 
 def register_rahf_components() -> bool:
@@ -54,3 +54,14 @@ def register_rahf_components() -> bool:
         loadable.setdefault(module, {}).update(classes)
         importable.update(classes)
     return True
+
+
+def dtype_kwarg(dtype) -> dict:
+    """`{"dtype": dtype}` for diffusers that renamed `torch_dtype` (0.36+, which warns on the old name), else
+    `{"torch_dtype": dtype}`: the keyword of `from_pretrained` and `from_pipe` (which casts every component, shared
+    ones included, to float32 unless told otherwise)."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (exists since the rename)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,16 @@ from transformers import HfArgumentParser
 T = TypeVar("T")
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+__all__ = [
+    "MIXED_PRECISIONS",
+    "load_yaml_defaults",
+    "parse_job_args",
+    "parse_weight_spec",
+    "read_prompt_records",
+    "resolve_mixed_precision",
+    "uses_cpu_processes",
+]
 
 
 def _coerce(parser: HfArgumentParser, key: str, value: Any, source: str) -> Any:
@@ -98,3 +109,60 @@ def uses_cpu_processes() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mlu_available())
+
+
+def parse_weight_spec(spec: str | dict[str, float], flag: str, example: str) -> str | dict[str, float]:
+    """A name (`"overall"`) stays a name; `"plausibility=0.5, aesthetics=0.5"` becomes `{name: weight}`, names kept as
+    written (a leading `-` included: what it means is up to the caller). `flag` and `example` go into the error."""
+    if isinstance(spec, dict):
+        return {str(k): float(v) for k, v in spec.items()}
+    spec = str(spec).strip()
+    if "=" not in spec and "," not in spec:
+        if not spec:
+            raise ValueError(f"`{flag}` is empty; pass a name, or name=weight pairs such as {example!r}")
+        return spec
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, weight = (x.strip() for x in part.partition("="))
+        try:
+            if not sep or not name.lstrip("-"):
+                raise ValueError(part)
+            weights[name] = weights.get(name, 0.0) + float(weight)
+        except ValueError as err:
+            raise ValueError(
+                f"`{flag}` {spec!r}: {part.strip()!r} is not NAME=WEIGHT; write e.g. {example!r}"
+            ) from err
+    return weights
+
+
+def read_prompt_records(path: str | os.PathLike, flag: str = "--prompts_file") -> list[dict[str, Any]]:
+    """Prompt records from a .txt file (one prompt a line; blank lines and `#` comments skipped) or a .jsonl file
+    (`prompt`, or `text` / `caption`, per row).
+
+    Returns:
+        one dict per prompt with `prompt` and, for jsonl, the row's other fields.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`{flag}` {str(path)!r} is not a file; pass a .txt (one prompt a line) or .jsonl file")
+    records: list[dict[str, Any]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
+            key = next((k for k in ("prompt", "text", "caption") if isinstance(row, dict) and k in row), None)
+            if key is None or not isinstance(row[key], str):
+                raise ValueError(f"{path}:{n}: each row needs a string `prompt` field, got {line[:80]!r}")
+            records.append({**{k: v for k, v in row.items() if k != key}, "prompt": row[key]})
+    else:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                records.append({"prompt": line})
+    if not records:
+        raise ValueError(f"`{flag}` {str(path)!r} holds no prompts")
+    return records

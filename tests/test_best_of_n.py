@@ -228,8 +228,21 @@ def test_two_processes_split_prompts_and_match_one_process(assets, reference, tm
     assert sorted(len(v) for v in done.values()) == [2, 3]  # 5 prompts: no duplicate, no loss
     assert sorted(done[0] + done[1]) == list(range(len(PROMPTS)))
     assert {json.loads((out / "shards" / f"{p:06d}.json").read_text())["process_index"] for p in range(5)} == {0, 1}
-    assert _kept_files(out) == _kept_files(reference["out"])
-    assert (out / "all_scores.jsonl").read_text() == (reference["out"] / "all_scores.jsonl").read_text()
+    # The same images are kept, byte for byte. Their scores agree to 1e-4, not bit for bit: a launched process may
+    # order its float32 matmul reductions differently (thread count), which moves scores by ~1e-6.
+    kept, kept_ref = _kept_files(out), _kept_files(reference["out"])
+    assert sorted(kept) == sorted(kept_ref)
+    assert all(kept[name] == kept_ref[name] for name in kept if name.endswith(".png"))
+    for rows_name in ("kept/metadata.jsonl", "all_scores.jsonl"):
+        rows, rows_ref = read_jsonl(out / rows_name), read_jsonl(reference["out"] / rows_name)
+        assert len(rows) == len(rows_ref)
+        for row, row_ref in zip(rows, rows_ref):
+            assert row.keys() == row_ref.keys()
+            for key, value in row.items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(row_ref[key], abs=1e-4), (rows_name, key)
+                else:
+                    assert value == row_ref[key], (rows_name, key)
     shutil.rmtree(out)
 
 
