@@ -120,6 +120,8 @@ def _delegate(command: str, argv: list[str], verbose: bool) -> int:
     import importlib
 
     module = importlib.import_module(DELEGATED[command][0])
+    if verbose and command == "data":  # `rahf data` has its own -v (tracebacks); the job parsers do not
+        argv = ["--verbose", *argv]
     try:
         code = module.main(argv)
     except ValueError as err:

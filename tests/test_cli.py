@@ -86,3 +86,12 @@ def test_init_model_from_locally_saved_towers(tmp_path):
     torch.testing.assert_close(predictor.model.vision_model.embeddings.cls_token, vit.embeddings.cls_token, rtol=0, atol=0)
     [feedback] = predictor([Image.new("RGB", (20, 20))], ["a cat"])
     assert set(feedback.scores) == {"plausibility", "alignment", "aesthetics", "overall"}
+
+
+def test_verbose_reaches_rahf_data_and_mistakes_exit_2(tmp_path):
+    import pytest
+
+    missing = str(tmp_path / "missing")
+    assert main(["data", "stats", missing, "--out", str(tmp_path / "o")]) == 2  # one line, like every command
+    with pytest.raises(ValueError, match="missing"):  # -v: the traceback, from `rahf -v data` as from `rahf data -v`
+        main(["-v", "data", "stats", missing, "--out", str(tmp_path / "o")])

@@ -185,5 +185,5 @@ def test_cli_consolidate_and_image_bytes_kept(tmp_path: Path) -> None:
         np.asarray(ds["validation"][0]["image"]), np.asarray(Image.open(images / "img0.png"))
     )
     # The output folder now holds a data set: refused unless --overwrite.
-    assert data_main([*argv, "--out", str(tmp_path / "out")]) == 1
+    assert data_main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert data_main([*argv, "--out", str(tmp_path / "out"), "--overwrite"]) == 0

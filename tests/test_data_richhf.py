@@ -272,4 +272,4 @@ def test_bad_arguments_fail_before_reading(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not empty"):
         convert_richhf([tmp_path / "train.tfrecord"], tmp_path / "images", tmp_path / "busy")
     argv = ["convert-richhf", "--tfrecords", str(tmp_path / "misc.tfrecord"), "--pickapic", "x", "--out", "y"]
-    assert data_main(argv) == 1  # a user mistake: one logged line, exit status 1
+    assert data_main(argv) == 2  # a user mistake: one logged line, exit status 2

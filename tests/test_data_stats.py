@@ -166,4 +166,4 @@ def test_cli_stats(synth_dir, tmp_path):
     assert main(["stats", str(synth_dir), "--out", str(tmp_path / "cli")]) == 0
     stats = json.loads((tmp_path / "cli" / "stats.json").read_text())
     assert stats["splits"]["train"]["count"] == 12
-    assert main(["stats", str(tmp_path / "missing"), "--out", str(tmp_path / "cli2")]) == 1  # a one-line error
+    assert main(["stats", str(tmp_path / "missing"), "--out", str(tmp_path / "cli2")]) == 2  # a one-line error

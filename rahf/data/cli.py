@@ -62,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         logger.error("rahf data %s: %s", args.command, err)
-        return 1
+        return 2  # as argparse, and every other `rahf` command, for a usage mistake

@@ -218,6 +218,21 @@ def _check_line(record: Any, sizes: _ImageSizes) -> tuple[_Annotation | None, di
     return annotation, ident, None
 
 
+def _conflict(entry: _Image, ident: dict[str, Any], annotation: _Annotation) -> str | None:
+    """Why a valid line cannot join the image its uid already names (other image, prompt or split; an annotator who
+    already annotated it), or None."""
+    for key in ("image", "prompt", "split"):
+        if ident[key] != getattr(entry, key):
+            return (
+                f"{key!r} {ident[key]!r} differs from {getattr(entry, key)!r} given for uid {entry.uid!r} "
+                f"on line {entry.first_line}"
+            )
+    previous = next((a for a in entry.annotations if a.annotator == annotation.annotator), None)
+    if previous is not None:
+        return f"annotator {annotation.annotator!r} already annotated uid {entry.uid!r} on line {previous.line}"
+    return None
+
+
 def _heatmap(points: Iterable[list[tuple[float, float]]], n_annotators: int, width: int, height: int) -> np.ndarray:
     """Mean over annotators of each annotator's union of disks, as uint8 0..255. `points`: one list per annotator."""
     radius = disk_radius(height)
@@ -290,28 +305,16 @@ def _consolidate(
         if isinstance(record, _JSONError):
             invalid.append({"line": line_no, "uid": None, "reason": f"not valid JSON: {record.message}"})
             continue
-        annotation, ident, reason = _check_line(record, sizes)
+        annotation, ident, reason = _check_line(record, sizes)  # reason is None exactly when annotation is not
         uid = ident.get("uid") if ident else None
-        if annotation is not None and ident is not None and uid is not None:
+        if annotation is not None:
             entry = entries.get(uid)
             if entry is None:
                 width, height = sizes.get(ident["image"])  # type: ignore[misc]  # valid lines have a size
                 entries[uid] = _Image(uid, ident["image"], ident["prompt"], ident["split"], line_no, width, height)
-                entry = entries[uid]
-            for key in ("image", "prompt", "split"):
-                if ident[key] != getattr(entry, key):
-                    reason = (
-                        f"{key!r} {ident[key]!r} differs from {getattr(entry, key)!r} given for uid {uid!r} "
-                        f"on line {entry.first_line}"
-                    )
-                    break
             else:
-                previous = next((a for a in entry.annotations if a.annotator == annotation.annotator), None)
-                if previous is not None:
-                    reason = (
-                        f"annotator {annotation.annotator!r} already annotated uid {uid!r} on line {previous.line}"
-                    )
-        if reason is not None or annotation is None:
+                reason = _conflict(entry, ident, annotation)
+        if reason is not None:
             invalid.append({"line": line_no, "uid": uid, "reason": reason})
             if uid is not None:
                 invalid_lines_of.setdefault(uid, []).append(line_no)
@@ -320,8 +323,10 @@ def _consolidate(
         entries[uid].annotations.append(annotation)  # type: ignore[index]
         n_valid += 1
 
+    # An entry is made by its first valid line, so every entry has an annotation; a uid with only invalid lines has
+    # none and is reported once more as a whole.
     for uid, line_numbers in invalid_lines_of.items():
-        if uid not in entries or not entries[uid].annotations:
+        if uid not in entries:
             invalid.append(
                 {
                     "line": None,
@@ -329,8 +334,6 @@ def _consolidate(
                     "reason": f"no valid annotator line for uid {uid!r} (invalid lines: {line_numbers}); left out",
                 }
             )
-    for uid in [u for u, e in entries.items() if not e.annotations]:
-        del entries[uid]
 
     def examples() -> Iterator[tuple[str, dict[str, Any]]]:
         for split in SPLITS:

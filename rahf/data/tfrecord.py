@@ -258,6 +258,34 @@ def read_tfrecords(
         yield item
 
 
+def _read_record(
+    stream: BinaryIO, name: str, index: int, offset: int, size: int | None, verify_crc: bool
+) -> tuple[bytes | TFRecordCorruption, int] | None:
+    """Reads the record whose header starts at the stream's position (`offset`): (its bytes or what is wrong with it,
+    the bytes it spans), or None at the end of the file."""
+    header = stream.read(12)
+    if not header:
+        return None
+    if len(header) < 12:
+        reason = f"truncated: the file ends inside the 12-byte header ({len(header)} bytes)"
+        return TFRecordCorruption(name, index, offset, reason, True), len(header)
+    (length,) = struct.unpack("<Q", header[:8])
+    (length_crc,) = struct.unpack("<I", header[8:])
+    span = 12 + length + 4
+    if verify_crc and masked_crc32c(header[:8]) != length_crc:
+        return TFRecordCorruption(name, index, offset, "bad length CRC", True), span
+    if size is not None and offset + span > size:
+        reason = f"truncated: record of {length} bytes but only {size - offset - 12} bytes left"
+        return TFRecordCorruption(name, index, offset, reason, True), span
+    data = stream.read(length)
+    footer = stream.read(4)
+    if len(data) < length or len(footer) < 4:
+        return TFRecordCorruption(name, index, offset, f"truncated: record of {length} bytes", True), span
+    if verify_crc and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+        return TFRecordCorruption(name, index, offset, "bad data CRC", False), span
+    return data, span
+
+
 def scan_tfrecords(
     path: str | Path, *, verify_crc: bool = True, strict: bool = False
 ) -> Iterator[tuple[int, bytes | TFRecordCorruption]]:
@@ -265,51 +293,17 @@ def scan_tfrecords(
     name = str(path)
     stream, size = _open(path)
     with stream:
-        index = 0
-        offset = 0
-        while True:
-            header = stream.read(12)
-            if not header:
-                return
-            problem: TFRecordCorruption | None = None
-            if len(header) < 12:
-                problem = TFRecordCorruption(
-                    name,
-                    index,
-                    offset,
-                    f"truncated: the file ends inside the 12-byte header ({len(header)} bytes)",
-                    True,
-                )
-            else:
-                (length,) = struct.unpack("<Q", header[:8])
-                (length_crc,) = struct.unpack("<I", header[8:])
-                if verify_crc and masked_crc32c(header[:8]) != length_crc:
-                    problem = TFRecordCorruption(name, index, offset, "bad length CRC", True)
-                elif size is not None and offset + 12 + length + 4 > size:
-                    problem = TFRecordCorruption(
-                        name,
-                        index,
-                        offset,
-                        f"truncated: record of {length} bytes but only {size - offset - 12} bytes left",
-                        True,
-                    )
-            if problem is None:
-                data = stream.read(length)
-                footer = stream.read(4)
-                if len(data) < length or len(footer) < 4:
-                    problem = TFRecordCorruption(name, index, offset, f"truncated: record of {length} bytes", True)
-                elif verify_crc and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                    problem = TFRecordCorruption(name, index, offset, "bad data CRC", False)
-            if problem is not None:
-                logger.warning("corrupt TFRecord: %s", problem.describe())
+        index = offset = 0
+        while (read := _read_record(stream, name, index, offset, size, verify_crc)) is not None:
+            item, span = read
+            if isinstance(item, TFRecordCorruption):
+                logger.warning("corrupt TFRecord: %s", item.describe())
                 if strict:
-                    raise TFRecordCorruptionError(problem)
-                yield offset, problem
-                if problem.fatal:
-                    return
-            else:
-                yield offset, data
-            offset += 12 + length + 4
+                    raise TFRecordCorruptionError(item)
+            yield offset, item
+            if isinstance(item, TFRecordCorruption) and item.fatal:
+                return
+            offset += span
             index += 1
 
 
@@ -318,22 +312,17 @@ def read_tfrecord_at(path: str | Path, offset: int, *, verify_crc: bool = True) 
 
     Gzip files work but each call decompresses up to `offset`: decompress them first for random access.
     """
-    stream, _ = _open(path)
+    stream, size = _open(path)
     with stream as f:
         f.seek(offset)
-        header = f.read(12)
-        if len(header) < 12:
-            raise TFRecordCorruptionError(TFRecordCorruption(str(path), -1, offset, "truncated header", True))
-        (length,) = struct.unpack("<Q", header[:8])
-        if verify_crc and masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-            raise TFRecordCorruptionError(TFRecordCorruption(str(path), -1, offset, "bad length CRC", True))
-        data = f.read(length)
-        footer = f.read(4)
-        if len(data) < length or len(footer) < 4:
-            raise TFRecordCorruptionError(TFRecordCorruption(str(path), -1, offset, "truncated record", True))
-        if verify_crc and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-            raise TFRecordCorruptionError(TFRecordCorruption(str(path), -1, offset, "bad data CRC", False))
-        return data
+        read = _read_record(f, str(path), -1, offset, size, verify_crc)
+    if read is None:
+        problem = TFRecordCorruption(str(path), -1, offset, "no record: the offset is at the end of the file", True)
+        raise TFRecordCorruptionError(problem)
+    item, _ = read
+    if isinstance(item, TFRecordCorruption):
+        raise TFRecordCorruptionError(item)
+    return item
 
 
 def frame_record(data: bytes) -> bytes:
