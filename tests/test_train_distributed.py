@@ -93,6 +93,8 @@ def test_two_processes_stay_in_sync_and_resume(tmp_path):
         "--validation_steps",
         "2",
         "--debug_check_sync",
+        "--calibrate_keyword_threshold",
+        "true",
     ]
     # 16 records / (2 per process x 2 processes x 2 accumulated) = 2 steps per epoch.
     _launch([*common, "--max_train_steps", "3"], cwd=tmp_path)
@@ -116,6 +118,17 @@ def test_two_processes_stay_in_sync_and_resume(tmp_path):
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert [r["val/num_samples"] for r in log if "val/loss" in r] == [8, 8]  # gathered, padding dropped
+    # Keyword calibration: each rank decoded half of the validation split; the gathered table is the one a single
+    # process computes on the whole split, and the chosen decoding is saved with the model.
+    calibration = json.loads((out / "final" / "training_summary.json").read_text())["keyword_threshold_calibration"]
+    assert calibration["num_records"] == 8
+    from rahf.data.schema import load_rich_feedback
+    from rahf.train import keyword_scores_at_thresholds
+
+    thresholds = [r["threshold"] for r in calibration["table"]]
+    table = keyword_scores_at_thresholds(final.model, final.processor, load_rich_feedback(data)["validation"], thresholds)
+    assert [round(r["f1"], 6) for r in table] == [round(r["f1"], 6) for r in calibration["table"]]
+    assert final.model.config.keyword_threshold == calibration["threshold"]
 
     # The two-process checkpoint resumes in two processes and the ranks stay in sync.
     _launch([*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], cwd=tmp_path)
