@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`rahf inpaint ...` (argv without the subcommand). User mistakes raise ValueError naming the flag."""
+    from pipelines.masks import override_mask_config
     from pipelines.rahf_inpaint import DEFAULT_MASK_CONFIG
     from rahf import load_image
 
@@ -239,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({args.threshold_quantile}), not both"
         )
     overrides = {k: getattr(args, k) for k in ("threshold_quantile", "min_area") if getattr(args, k) is not None}
-    if args.threshold_quantile is not None:
-        overrides["threshold"] = None
-    mask_config = dataclasses.replace(DEFAULT_MASK_CONFIG, **overrides)
+    mask_config = override_mask_config(DEFAULT_MASK_CONFIG, **overrides)
 
     pipe = load_rahf_inpaint_pipeline(args.model, args.inpainter, device=device, dtype=_DTYPES.get(args.dtype))
     call: dict[str, Any] = {

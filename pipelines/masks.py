@@ -25,7 +25,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFAULT_THRESHOLD", "MaskConfig", "disk_kernel", "feather_mask", "heatmap_to_mask", "mask_to_pil"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "MaskConfig",
+    "disk_kernel",
+    "feather_mask",
+    "heatmap_to_mask",
+    "mask_to_pil",
+    "override_mask_config",
+]
 
 # One public RAHF-based baseline (NTIRE 2025) thresholds heatmaps at 40/255 for masks (REFERENCE.md).
 DEFAULT_THRESHOLD = 40 / 255
@@ -138,6 +146,23 @@ def _validate_heatmap(heatmap: Any) -> np.ndarray:
     return heat
 
 
+def override_mask_config(config: MaskConfig, source: str = "mask options", **overrides: Any) -> MaskConfig:
+    """`config` with `overrides` (`MaskConfig` fields) on top. Setting one kind of threshold (`threshold` or
+    `threshold_quantile`) to a value clears the config's threshold of the other kind, unless both are given. `source`
+    names the overrides in the error on an unknown field."""
+    if not isinstance(config, MaskConfig):
+        raise ValueError(f"`config` must be a MaskConfig, got {type(config).__name__}")
+    fields = [f.name for f in dataclasses.fields(MaskConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; valid ones are {fields}")
+    if overrides.get("threshold_quantile") is not None and "threshold" not in overrides:
+        overrides["threshold"] = None
+    if overrides.get("threshold") is not None and "threshold_quantile" not in overrides:
+        overrides["threshold_quantile"] = None
+    return dataclasses.replace(config, **overrides)
+
+
 def heatmap_to_mask(
     heatmap: np.ndarray,
     config: MaskConfig | None = None,
@@ -158,18 +183,7 @@ def heatmap_to_mask(
         fix).
     """
     if kwargs:
-        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(MaskConfig)})
-        if unknown:
-            raise ValueError(
-                f"Unknown mask option(s) {unknown}; valid ones are {[f.name for f in dataclasses.fields(MaskConfig)]}"
-            )
-        base = config if config is not None else MaskConfig()
-        # An override of one kind of threshold replaces the config's threshold of the other kind.
-        if kwargs.get("threshold_quantile") is not None and "threshold" not in kwargs:
-            kwargs["threshold"] = None
-        if kwargs.get("threshold") is not None and "threshold_quantile" not in kwargs:
-            kwargs["threshold_quantile"] = None
-        config = dataclasses.replace(base, **kwargs)
+        config = override_mask_config(config if config is not None else MaskConfig(), **kwargs)
     elif config is None:
         config = MaskConfig()
     elif not isinstance(config, MaskConfig):

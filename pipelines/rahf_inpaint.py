@@ -6,7 +6,6 @@ shares every step but generation, is `pipelines.rahf_amused_inpaint.RAHFAmusedIn
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from pipelines.loading import register_rahf_components
-from pipelines.masks import MaskConfig, feather_mask, heatmap_to_mask
+from pipelines.masks import MaskConfig, feather_mask, heatmap_to_mask, override_mask_config
 from rahf import RAHFModel, RAHFProcessor, RichFeedbackPredictor, load_image
 
 logger = logging.get_logger(__name__)
@@ -227,27 +226,18 @@ class RAHFInpaintMixin:
         elif isinstance(mask_config, MaskConfig):
             config = mask_config
         elif isinstance(mask_config, Mapping):
-            fields = {f.name for f in dataclasses.fields(MaskConfig)}
-            unknown = sorted(set(mask_config) - fields)
-            if unknown:
-                raise ValueError(f"`mask_config` has unknown field(s) {unknown}; valid ones are {sorted(fields)}")
-            config = dataclasses.replace(DEFAULT_MASK_CONFIG, **mask_config)
+            config = override_mask_config(DEFAULT_MASK_CONFIG, "`mask_config`", **mask_config)
         else:
             raise ValueError(
                 f"`mask_config` must be a MaskConfig, a dict of its fields or None, got {type(mask_config).__name__}"
             )
-        overrides: dict[str, Any] = {}
-        if threshold is not None:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-                raise ValueError(
-                    f"`threshold` must be a number in [0, 1] (heat above it is repaired), got {threshold!r}"
-                )
-            overrides.update(threshold=float(threshold), threshold_quantile=None)
-        if dilation is not None:
-            overrides["dilation"] = dilation
-        if feather is not None:
-            overrides["feather"] = feather
-        return dataclasses.replace(config, **overrides) if overrides else config
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0
+        ):
+            raise ValueError(f"`threshold` must be a number in [0, 1] (heat above it is repaired), got {threshold!r}")
+        given = {"threshold": threshold, "dilation": dilation, "feather": feather}
+        overrides = {k: float(v) if k == "threshold" else v for k, v in given.items() if v is not None}
+        return override_mask_config(config, **overrides) if overrides else config
 
     def _resolve_rescore_weights(self, rescore_with: str | Mapping[str, float]) -> dict[str, float]:
         names = list(self.reward_model.config.score_names)

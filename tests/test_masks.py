@@ -183,7 +183,7 @@ def test_heatmap_errors() -> None:
         heatmap_to_mask(nan_heat)
     with pytest.raises(ValueError, match="divide 0-255 maps by 255"):
         heatmap_to_mask(np.full((8, 8), 200.0))
-    with pytest.raises(ValueError, match="Unknown mask option"):
+    with pytest.raises(ValueError, match="mask options: unknown field"):
         heatmap_to_mask(np.zeros((8, 8)), treshold=0.3)
     with pytest.raises(ValueError, match="threshold"):
         heatmap_to_mask(np.zeros((8, 8)), threshold=1.2)
