@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 # The official matcher splits on these characters and on spaces (REFERENCE.md); we treat any whitespace as a space.
 _SPLIT_RE = re.compile(r"[,.?!\":;\s]+")
+_WORD_RE = re.compile(r"[^,.?!\":;\s]+")
 
 MARKER = "0"
 # A prompt word equal to the marker is written escaped in the target so that decoding is unambiguous:
@@ -19,6 +20,23 @@ def split_prompt_words(prompt: str) -> list[str]:
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")
     return [w for w in _SPLIT_RE.split(prompt) if w]
+
+
+def replace_prompt_word(prompt: str, index: int, word: str) -> str:
+    """`prompt` with its `index`-th word (as `split_prompt_words` counts them) replaced by `word`, everything else
+    (separators, spacing) kept.
+
+    Examples:
+        >>> replace_prompt_word("two red circles, above a cat.", 2, "squares")
+        'two red squares, above a cat.'
+    """
+    spans = [m.span() for m in _WORD_RE.finditer(prompt)]
+    if not 0 <= index < len(spans):
+        raise ValueError(f"`index` {index} is out of range: {prompt!r} has {len(spans)} words")
+    if not word or _SPLIT_RE.search(word):
+        raise ValueError(f"`word` must be one word with no separator in it, got {word!r}")
+    start, end = spans[index]
+    return prompt[:start] + word + prompt[end:]
 
 
 def _escape(word: str) -> str:

@@ -323,9 +323,9 @@ class RAHFModel(RAHFPreTrainedModel):
             image_embeds (`torch.FloatTensor` of shape `(batch_size, num_patches, d_model)`, *optional*):
                 Output of [`~RAHFModel.get_image_features`], to reuse the vision tower's work.
             heatmap_labels (`torch.FloatTensor` of shape `(batch_size, num_heatmaps, heatmap_size, heatmap_size)`, *optional*):
-                Target heatmaps in [0, 1].
+                Target heatmaps in [0, 1]; NaN pixels are unknown and left out of the loss.
             score_labels (`torch.FloatTensor` of shape `(batch_size, num_scores)`, *optional*):
-                Target scores in [0, 1].
+                Target scores in [0, 1]; NaN entries are unknown and left out of the loss.
             labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
                 Token ids of the ` 0`-marked keyword sequence, -100 on padding.
             decoder_input_ids (`torch.LongTensor` of shape `(num_keyword_rows, target_length)`, *optional*):
@@ -403,7 +403,8 @@ class RAHFModel(RAHFPreTrainedModel):
                     f"`heatmap_labels` must have shape {tuple(heatmaps.shape)} (batch, heatmaps, size, size), "
                     f"got {tuple(heatmap_labels.shape)}"
                 )
-            known = ~torch.isnan(heatmaps)
+            # NaN predictions are tasks not asked for; NaN labels are unknown (e.g. after a word swap): both skipped.
+            known = ~torch.isnan(heatmaps) & ~torch.isnan(heatmap_labels)
             if known.any():
                 if cfg.heatmap_loss == "bce":
                     # On the logits, in float32: no clamp, so saturated pixels keep their gradient, and autocast-safe.
@@ -419,7 +420,7 @@ class RAHFModel(RAHFPreTrainedModel):
                 raise ValueError(
                     f"`score_labels` must have shape {tuple(scores.shape)}, got {tuple(score_labels.shape)}"
                 )
-            known = ~torch.isnan(scores)
+            known = ~torch.isnan(scores) & ~torch.isnan(score_labels)
             if known.any():
                 score_loss = F.mse_loss(scores[known], score_labels[known])
                 terms.append(cfg.score_loss_weight * score_loss)

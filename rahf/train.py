@@ -556,8 +556,24 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     train_split = data[args.train_split]
     if args.max_train_samples:
         train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+    word_swap_rate, word_swap_groups = args.word_swap_rate, None
+    if word_swap_rate > 0 and getattr(config, "model_type", None) != "rahf":
+        logger.warning("`word_swap_rate` trains keywords, which only RAHF writes: ignored for %s", args.model_type)
+        word_swap_rate = 0.0
+    if word_swap_rate > 0:
+        word_swap_groups = args.word_swap_groups or Path(args.data_dir) / "word_swap_groups.json"
+        if not Path(word_swap_groups).is_file():
+            raise ValueError(
+                f"`word_swap_rate` {word_swap_rate} needs `--word_swap_groups`: {str(word_swap_groups)!r} is not a "
+                "file (a JSON {group: [words]}; `rahf data synth` writes DATA_DIR/word_swap_groups.json)"
+            )
     train_dataset = RichFeedbackTorchDataset(
-        train_split, heatmap_size=config.heatmap_size, augment=args.augment, seed=args.seed
+        train_split,
+        heatmap_size=config.heatmap_size,
+        augment=args.augment,
+        seed=args.seed,
+        word_swap_rate=word_swap_rate,
+        word_swap_groups=word_swap_groups,
     )
     eval_dataset = None
     if args.validation_split and args.validation_split in data and len(data[args.validation_split]):

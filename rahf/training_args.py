@@ -74,6 +74,21 @@ class RAHFTrainingArguments:
             "each row is a pass of the fusion encoder, so steps get about that much cheaper"
         },
     )
+    word_swap_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "RAHF only, not in the paper: probability that a training record with no misaligned word gets "
+            "one word swapped for another of its group (--word_swap_groups), which the keyword target then marks; "
+            "the alignment/overall scores and misalignment heatmap of such a record are left out of the loss"
+        },
+    )
+    word_swap_groups: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file {group: [interchangeable words]} (default: DATA_DIR/word_swap_groups.json, which "
+            "`rahf data synth` writes)"
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes (0: main)"})
 
     # ---- schedule
@@ -200,6 +215,8 @@ class RAHFTrainingArguments:
             raise ValueError(f"`report_to` must be one of {list(REPORT_TO)}, got {self.report_to!r}")
         if self.variant is not None and self.variant not in ("multi_head", "augmented_prompt"):
             raise ValueError(f"`variant` must be multi_head or augmented_prompt, got {self.variant!r}")
+        if not 0.0 <= self.word_swap_rate <= 1.0:
+            raise ValueError(f"`word_swap_rate` must be a probability in [0, 1], got {self.word_swap_rate!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
 

@@ -76,6 +76,22 @@ def test_set_is_canonical_and_complete(noisy):
     assert json.loads((out / "consolidation_report.json").read_text())["invalid"] == []
 
 
+def test_word_swap_groups_cover_the_words_that_scenes_get_wrong(noisy):
+    from rahf.data.training import load_word_swap_groups
+
+    out, _, truth = noisy
+    groups = load_word_swap_groups(out / "word_swap_groups.json")
+    group_of = {w: g for g, words in groups.items() for w in words}
+    kinds = {"colour": {"colour"}, "shape": {"shape", "shapes"}, "count": {"count"}}
+    checked = 0
+    for record in truth.values():
+        for m in record["misalignments"]:
+            if m["kind"] in kinds:
+                assert all(group_of.get(record["prompt_words"][i]) in kinds[m["kind"]] for i in m["word_indices"])
+                checked += 1
+    assert checked > 5
+
+
 def test_perfect_annotators_reproduce_the_planted_truth(perfect):
     _, dd, truth = perfect
     examples = _examples(dd)

@@ -254,3 +254,108 @@ def test_tasks_per_image_rejects_bad_values() -> None:
     item.pop("sample_seed")
     with pytest.raises(ValueError, match="sample_seed"):
         sampled([item])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Word swaps
+
+GROUPS = {"colour": ["red", "white", "blue"], "shape": ["square", "circle"]}
+
+
+def _swap_split():
+    from datasets import Dataset
+
+    rows = []
+    for i, (prompt, labels) in enumerate(
+        [
+            ("a white square, on grass", [1, 1, 1, 1, 1]),  # aligned: may be swapped
+            ("a white square on grass", [1, 0, 1, 1, 1]),  # already misaligned: never swapped
+            ("a cat on grass", [1, 1, 1, 1]),  # nothing to swap
+        ]
+        * 4
+    ):
+        rows.append(
+            {
+                **{k: v for k, v in _split(1)[0].items() if k not in ("uid", "prompt", "prompt_words", "word_labels")},
+                "uid": f"u{i}",
+                "prompt": prompt,
+                "prompt_words": prompt.replace(",", "").split(),
+                "word_labels": labels,
+            }
+        )
+    return Dataset.from_list(rows, features=FEATURES)
+
+
+def test_word_swap_marks_the_swapped_word_and_hides_what_it_makes_unknown() -> None:
+    split = _swap_split()
+    plain = RichFeedbackTorchDataset(split, heatmap_size=16)
+    swapped = RichFeedbackTorchDataset(split, heatmap_size=16, word_swap_rate=1.0, word_swap_groups=GROUPS)
+    seen = set()
+    for epoch in range(4):
+        swapped.set_epoch(epoch)
+        for i in range(len(split)):
+            item, ref = swapped[i], plain[i]
+            if i % 3:  # misaligned or nothing swappable: untouched
+                assert item["word_swap"] is None and item["prompt"] == ref["prompt"]
+                assert item["word_labels"] == ref["word_labels"]
+                torch.testing.assert_close(item["scores"], ref["scores"])
+                continue
+            swap = item["word_swap"]
+            assert swap["from"] in ("white", "square") and swap["to"] != swap["from"]
+            assert {swap["from"], swap["to"]} <= set(GROUPS["colour"]) or {swap["from"], swap["to"]} <= set(
+                GROUPS["shape"]
+            )
+            assert item["prompt"] == ref["prompt"].replace(swap["from"], swap["to"])
+            assert item["prompt_words"][swap["index"]] == swap["to"]
+            assert item["word_labels"] == [0 if k == swap["index"] else 1 for k in range(5)]
+            # Alignment and overall, and the misalignment heatmap, are unknown now; the image-only labels are kept.
+            assert torch.isnan(item["scores"][[1, 3]]).all()
+            torch.testing.assert_close(item["scores"][[0, 2]], ref["scores"][[0, 2]])
+            assert torch.isnan(item["heatmaps"][1]).all()
+            torch.testing.assert_close(item["heatmaps"][0], ref["heatmaps"][0])
+            np.testing.assert_array_equal(np.asarray(item["image"]), np.asarray(ref["image"]))
+            seen.add((swap["from"], swap["to"]))
+    assert len(seen) >= 3  # the draws vary across items and epochs
+
+
+def test_word_swap_rate_draws_are_deterministic_and_leave_image_augmentation_alone() -> None:
+    split = _swap_split()
+    kwargs = dict(heatmap_size=16, augment=True, seed=3, crop_p=0.5, color_jitter_p=0.5, jpeg_p=0.0, grayscale_p=0.5)
+    half = RichFeedbackTorchDataset(split, word_swap_rate=0.5, word_swap_groups=GROUPS, **kwargs)
+    again = RichFeedbackTorchDataset(split, word_swap_rate=0.5, word_swap_groups=GROUPS, **kwargs)
+    none = RichFeedbackTorchDataset(split, **kwargs)
+    count = 0
+    for epoch in range(5):
+        for ds in (half, again, none):
+            ds.set_epoch(epoch)
+        for i in range(0, len(split), 3):
+            a, b, c = half[i], again[i], none[i]
+            assert a["prompt"] == b["prompt"] and a["word_swap"] == b["word_swap"]
+            np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(c["image"]))  # same image draws
+            count += a["word_swap"] is not None
+    assert 0 < count < 20  # about half of the 20 swappable draws
+
+
+def test_word_swap_groups_are_checked(tmp_path) -> None:
+    from rahf.data.training import load_word_swap_groups
+
+    split = _swap_split()
+    with pytest.raises(ValueError, match="word_swap_groups"):
+        RichFeedbackTorchDataset(split, heatmap_size=16, word_swap_rate=0.5)
+    with pytest.raises(ValueError, match="word_swap_rate"):
+        RichFeedbackTorchDataset(split, heatmap_size=16, word_swap_rate=1.5, word_swap_groups=GROUPS)
+    with pytest.raises(ValueError, match="two or more distinct"):
+        load_word_swap_groups({"colour": ["red", "red"]})
+    with pytest.raises(ValueError, match="one group"):
+        load_word_swap_groups({"a": ["red", "blue"], "b": ["red", "green"]})
+    with pytest.raises(ValueError, match="single prompt word"):
+        load_word_swap_groups({"a": ["red", "light blue"]})
+    with pytest.raises(ValueError, match="not a file"):
+        load_word_swap_groups(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_word_swap_groups(bad)
+    good = tmp_path / "groups.json"
+    good.write_text('{"colour": ["red", "white", "blue"], "shape": ["square", "circle"]}')
+    assert load_word_swap_groups(good) == GROUPS

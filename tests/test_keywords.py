@@ -44,3 +44,20 @@ def test_decoding_survives_drift():
     # garbage and empty generations mark nothing
     assert decode_keyword_indices("", words) == []
     assert decode_keyword_indices("0 0 0", words) == []
+
+
+def test_replace_prompt_word_keeps_everything_else():
+    from rahf.keywords import replace_prompt_word
+
+    prompt = ' two "red"  circles, above;a cat. '
+    assert split_prompt_words(prompt) == ["two", "red", "circles", "above", "a", "cat"]
+    out = replace_prompt_word(prompt, 2, "squares")
+    assert out == ' two "red"  squares, above;a cat. '
+    assert replace_prompt_word(prompt, 5, "dog") == ' two "red"  circles, above;a dog. '
+    for index in range(6):
+        words = split_prompt_words(replace_prompt_word(prompt, index, "x"))
+        assert words == [("x" if i == index else w) for i, w in enumerate(split_prompt_words(prompt))]
+    with pytest.raises(ValueError, match="out of range"):
+        replace_prompt_word(prompt, 6, "dog")
+    with pytest.raises(ValueError, match="one word"):
+        replace_prompt_word(prompt, 0, "two dogs")

@@ -153,3 +153,29 @@ def test_bad_label_shape_names_the_argument():
     model = tiny_rahf_model()
     with pytest.raises(ValueError, match="heatmap_labels"):
         model(**make_batch(tiny_rahf_processor()), heatmap_labels=torch.zeros(2, 2, 8, 8))
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+@pytest.mark.parametrize("heatmap_loss", ["mse", "bce"])
+def test_nan_labels_are_left_out_of_the_loss(variant, heatmap_loss):
+    # A word swap makes some labels unknown (NaN): the loss is the one over the known labels, and stays finite.
+    model = tiny_rahf_model(variant, heatmap_loss=heatmap_loss)
+    batch = make_batch(tiny_rahf_processor(variant))
+    labels = labels_for(model)
+    full = model(**batch, **labels)
+    unknown = {k: v.clone() for k, v in labels.items()}
+    unknown["score_labels"][0, 1] = float("nan")
+    unknown["heatmap_labels"][1, 1] = float("nan")
+    out = model(**batch, **unknown)
+    assert torch.isfinite(out.loss)
+    known_h = ~torch.isnan(full.heatmaps) & ~torch.isnan(unknown["heatmap_labels"])
+    p, y = full.heatmaps[known_h].double(), labels["heatmap_labels"][known_h].double()
+    expected_h = ((p - y) ** 2).mean() if heatmap_loss == "mse" else -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    torch.testing.assert_close(out.heatmap_loss.double(), expected_h, rtol=1e-4, atol=1e-6)
+    known_s = ~torch.isnan(full.scores) & ~torch.isnan(unknown["score_labels"])
+    expected_s = ((full.scores[known_s] - labels["score_labels"][known_s]) ** 2).mean()
+    torch.testing.assert_close(out.score_loss, expected_s)
+    torch.testing.assert_close(out.sequence_loss, full.sequence_loss)  # the keyword target is untouched
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+

@@ -121,6 +121,20 @@ def test_yaml_mistakes_are_named(tmp_path):
         parse_training_args(["--config", str(cfg)])
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         parse_training_args(["--gradient_accumulation_steps", "0"])
+    with pytest.raises(ValueError, match="word_swap_rate"):
+        parse_training_args(["--word_swap_rate", "2", "--word_swap_groups", "g.json"])
+
+
+def test_word_swap_needs_groups_and_is_ignored_by_models_without_keywords(tiny_setup, tmp_path, caplog):
+    data, config = tiny_setup
+    with pytest.raises(ValueError, match=r"word_swap_groups.*word_swap_groups\.json"):  # none given, none in data_dir
+        _run(*_argv(data, config, tmp_path / "rahf", "--word_swap_rate", "0.5", "--max_train_steps", "1"))
+    out = tmp_path / "resnet"
+    summary = _run(
+        "--data_dir", str(data), "--model_type", "resnet50", "--model_config", "configs/model/resnet50_tiny.json",
+        "--output_dir", str(out), "--word_swap_rate", "0.5", "--max_train_steps", "1", "--validation_split", "none",
+    )
+    assert summary["global_step"] == 1 and "ignored for resnet50" in caplog.text
 
 
 def test_unknown_model_type_lists_known_ones():
@@ -355,9 +369,16 @@ def test_resume_after_a_crash_reaches_the_same_weights(tiny_setup, tmp_path):
 def test_stop_at_max_train_steps_then_continue(tiny_setup, tmp_path):
     """`--max_train_steps 4`, then the same job with `--max_train_steps 8 --resume_from_checkpoint latest`, equals an
     8-step run (a constant schedule: cosine and linear schedules depend on the total number of steps). The
-    augmented-prompt variant with `--tasks_per_image`: the resumed run draws the same task rows."""
+    augmented-prompt variant with `--tasks_per_image` and word swaps: the resumed run draws the same task rows and
+    swaps the same words, and the labels the swaps leave unknown (NaN) never reach the weights."""
     data, config = tiny_setup
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"colour": ["red", "blue", "green"], "shape": ["circle", "square", "star"]}))
     common = [
+        "--word_swap_rate",
+        1.0,
+        "--word_swap_groups",
+        groups,
         "--train_batch_size",
         4,
         "--lr_scheduler",
@@ -382,6 +403,7 @@ def test_stop_at_max_train_steps_then_continue(tiny_setup, tmp_path):
         if "loss" in line and "val/" not in line
     ] == list(range(1, 9))
     assert json.loads((twice / "final" / "config.json").read_text())["variant"] == "augmented_prompt"
+    assert all(torch.isfinite(w).all() for w in load_state_dict(once / "final").values())
 
 
 def test_8bit_adam_bf16_run_without_tensorboard(tiny_setup, tmp_path):

@@ -13,6 +13,8 @@ DIR/raw/images/{uid}.png                             the rendered images
 DIR/raw/annotations.jsonl                            one line per (image, annotator), as `rahf data consolidate` reads
 DIR/raw/ground_truth.jsonl                           one line per image: what was planted (see below)
 DIR/raw/synth_config.json                            the `SynthConfig` used
+DIR/word_swap_groups.json                            the prompt vocabulary's interchangeable words (colours, shapes,
+                                                     counts, relations), for `rahf train --word_swap_groups`
 DIR/consolidation_report.json                        the consolidation's report (invalid lines; always empty here)
 ```
 
@@ -124,6 +126,22 @@ MISALIGNMENT_KINDS = ("colour", "shape", "count", "missing", "relation")
 MISALIGNMENT_KIND_WEIGHTS = {"colour": 0.5, "shape": 0.15, "count": 0.1, "missing": 0.2, "relation": 0.05}
 _ALIGNMENT_PENALTY = {"colour": 1.2, "shape": 1.4, "count": 1.0, "missing": 1.8, "relation": 1.0}
 SCORE_KEYS = ("plausibility", "alignment", "aesthetics", "overall")
+
+
+WORD_SWAP_GROUPS_FILE = "word_swap_groups.json"
+
+
+def word_swap_groups() -> dict[str, list[str]]:
+    """The prompt words that can stand in for one another (`rahf train --word_swap_groups`): colours, singular and
+    plural shapes, counts above one, and the two axes of the relations."""
+    return {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "shapes": list(SHAPES.values()),
+        "count": [COUNT_WORDS[n] for n in sorted(COUNT_WORDS)],
+        "vertical": ["above", "below"],
+        "horizontal": ["left", "right"],
+    }
 
 
 @dataclass
@@ -994,7 +1012,7 @@ def _truth_record(uid: str, split: str, image_name: str, truth: dict[str, Any], 
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    ours = ["raw", "dataset_dict.json", "consolidation_report.json", *SPLITS]
+    ours = ["raw", "dataset_dict.json", "consolidation_report.json", WORD_SWAP_GROUPS_FILE, *SPLITS]
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"`out_dir` {str(out)!r} exists and is not a folder")
@@ -1042,6 +1060,7 @@ def generate_synthetic(
     raw = out / "raw"
     images_dir = raw / "images"
     (raw / "synth_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+    (out / WORD_SWAP_GROUPS_FILE).write_text(json.dumps(word_swap_groups(), indent=2) + "\n")
 
     jobs = [(split, i) for split in SPLITS for i in range(config.split_sizes()[split])]
     pool = _annotator_pool(config)

@@ -6,6 +6,12 @@ Augmentations (each with its probability, applied in this order, all with PIL/nu
 - JPEG re-encoding at quality 70-100 (p 0.1);
 - greyscale, converted back to 3 channels (p 0.1).
 
+Word swaps (`word_swap_rate` > 0, off by default; not in the paper): a record whose annotators marked no misaligned
+word may have one of its prompt words replaced by another of the same group (`word_swap_groups`, e.g. colours or
+shapes), which makes that word misaligned with the unchanged image. The keyword target marks it; the labels the swap
+makes unknown (the alignment and overall scores and the misalignment heatmap) become NaN, which the model's loss
+skips. The image-only labels (plausibility, aesthetics, the implausibility heatmap) stay.
+
 The random draws depend only on (seed, epoch, index), so a resumed run, or any worker layout, sees the same
 augmentations: call `set_epoch(epoch)` at the start of each epoch (with `persistent_workers=True` in a `DataLoader`,
 the workers keep the epoch they were started with; use non-persistent workers, or a sampler-driven epoch).
@@ -23,7 +29,10 @@ Examples:
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -32,11 +41,16 @@ import torch
 from datasets import Dataset
 from PIL import Image, ImageEnhance
 
-from .schema import HEATMAP_COLUMNS, SCORE_NAMES
+from ..keywords import replace_prompt_word, split_prompt_words
+from .schema import HEATMAP_COLUMNS, HEATMAP_NAMES, SCORE_NAMES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RichFeedbackTorchDataset", "resize_heatmap"]
+__all__ = ["RichFeedbackTorchDataset", "load_word_swap_groups", "resize_heatmap"]
+
+# What a swapped prompt word leaves unknown: the image no longer matches the prompt in an unknown place and amount.
+WORD_SWAP_UNKNOWN_SCORES = ("alignment", "overall")
+WORD_SWAP_UNKNOWN_HEATMAPS = ("misalignment",)
 
 
 def resize_heatmap(heatmap: np.ndarray, size: int) -> np.ndarray:
@@ -47,6 +61,49 @@ def resize_heatmap(heatmap: np.ndarray, size: int) -> np.ndarray:
     interpolation = cv2.INTER_AREA if size <= min(height, width) else cv2.INTER_LINEAR
     out = cv2.resize(heatmap.astype(np.float32, copy=False), (size, size), interpolation=interpolation)
     return np.clip(out, 0.0, 1.0)
+
+
+def load_word_swap_groups(groups: dict[str, Any] | str | os.PathLike) -> dict[str, list[str]]:
+    """Checks word-swap groups (`{group name: [interchangeable words]}`, or a JSON file of that) and returns them.
+
+    Each group needs at least two distinct words, a word may belong to one group only, and each word must be a single
+    prompt word (no space or `,.?!":;`), as `split_prompt_words` finds them.
+    """
+    source = "word_swap_groups"
+    if not isinstance(groups, dict):
+        path = Path(groups)
+        if not path.is_file():
+            raise ValueError(
+                f"`word_swap_groups` {str(path)!r} is not a file; pass a JSON file of {{group: [words]}}, such as "
+                "the word_swap_groups.json that `rahf data synth` writes"
+            )
+        source = str(path)
+        try:
+            groups = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not valid JSON ({err})") from err
+        if not isinstance(groups, dict):
+            raise ValueError(f"{source}: must hold a JSON object {{group: [words]}}, got {type(groups).__name__}")
+    owner: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, words in groups.items():
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{source}: group {name!r} must be a list of words, got {words!r}")
+        unique = list(dict.fromkeys(words))
+        if len(unique) < 2:
+            raise ValueError(f"{source}: group {name!r} needs two or more distinct words to swap between, got {words}")
+        for word in unique:
+            if split_prompt_words(word) != [word]:
+                raise ValueError(f"{source}: {word!r} in group {name!r} is not a single prompt word")
+            if word in owner:
+                raise ValueError(
+                    f"{source}: {word!r} is in groups {owner[word]!r} and {name!r}; a word may belong to one group"
+                )
+            owner[word] = name
+        out[str(name)] = unique
+    if not out:
+        raise ValueError(f"{source}: no groups; give at least one {{group: [words]}}")
+    return out
 
 
 def _crop_box(size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
@@ -73,10 +130,15 @@ class RichFeedbackTorchDataset(torch.utils.data.Dataset):
         jpeg_p (`float`, *optional*, defaults to 0.1): probability of a JPEG re-encoding.
         jpeg_quality (`tuple[int, int]`, *optional*, defaults to (70, 100)): JPEG quality range, inclusive.
         grayscale_p (`float`, *optional*, defaults to 0.1): probability of greyscale (returned as 3 channels).
+        word_swap_rate (`float`, *optional*, defaults to 0.0): probability that a record with no misaligned word has
+            one of its words in `word_swap_groups` swapped for another of its group (see the module docstring).
+        word_swap_groups (`dict[str, list[str]]` or path, *optional*): `{group: [interchangeable words]}`, or a JSON
+            file of it; needed when `word_swap_rate` > 0.
 
     Each item is a dict: `image` (PIL RGB, to be resized by the processor), `heatmaps` (float32 tensor
     (2, heatmap_size, heatmap_size) in [0, 1], implausibility then misalignment), `scores` (float32 tensor (4,) in
-    `SCORE_NAMES` order), `prompt`, `prompt_words`, `word_labels`, `uid` and `sample_seed` (an int fixed by
+    `SCORE_NAMES` order; NaN where a word swap made a label unknown), `prompt`, `prompt_words`, `word_labels`,
+    `word_swap` (None, or the swap's `index`, `from` and `to` words), `uid` and `sample_seed` (an int fixed by
     (seed, epoch, index), for the collator's own draws).
 
     Examples:
@@ -100,6 +162,8 @@ class RichFeedbackTorchDataset(torch.utils.data.Dataset):
         jpeg_p: float = 0.1,
         jpeg_quality: tuple[int, int] = (70, 100),
         grayscale_p: float = 0.1,
+        word_swap_rate: float = 0.0,
+        word_swap_groups: dict[str, Any] | str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(split, Dataset):
             raise ValueError(f"`split` must be a datasets.Dataset (one split), got {type(split).__name__}")
@@ -125,6 +189,15 @@ class RichFeedbackTorchDataset(torch.utils.data.Dataset):
         low, high = jpeg_quality
         if not 1 <= low <= high <= 100:
             raise ValueError(f"`jpeg_quality` must be (low, high) with 1 <= low <= high <= 100, got {jpeg_quality!r}")
+        if not 0.0 <= word_swap_rate <= 1.0:
+            raise ValueError(f"`word_swap_rate` must be a probability in [0, 1], got {word_swap_rate!r}")
+        if word_swap_rate > 0 and word_swap_groups is None:
+            raise ValueError(
+                "`word_swap_rate` > 0 needs `word_swap_groups` ({group: [interchangeable words]}, or a JSON file)"
+            )
+        self.word_swap_rate = float(word_swap_rate)
+        self.word_swap_groups = load_word_swap_groups(word_swap_groups) if word_swap_groups is not None else None
+        self._swap_group_of = {w: g for g, words in (self.word_swap_groups or {}).items() for w in words}
         self.split = split
         self.heatmap_size = heatmap_size
         self.augment = augment
@@ -159,19 +232,48 @@ class RichFeedbackTorchDataset(torch.utils.data.Dataset):
         maps = [np.asarray(row[column].convert("L"), dtype=np.float32) / 255.0 for column in HEATMAP_COLUMNS]
         if self.augment:
             image, maps = self._augment(image, maps, self.rng(index))
-        heatmaps = np.stack([resize_heatmap(m, self.heatmap_size) for m in maps])
+        heatmaps = torch.from_numpy(np.stack([resize_heatmap(m, self.heatmap_size) for m in maps]))
+        scores = torch.tensor([row[name] for name in SCORE_NAMES], dtype=torch.float32)
+        prompt, word_labels = row["prompt"], [int(x) for x in row["word_labels"]]
+        swap = self._draw_word_swap(prompt, word_labels, index) if self.word_swap_rate > 0 else None
+        if swap is not None:
+            position, old, new = swap
+            prompt = replace_prompt_word(prompt, position, new)
+            word_labels[position] = 0
+            scores[[SCORE_NAMES.index(n) for n in WORD_SWAP_UNKNOWN_SCORES]] = float("nan")
+            heatmaps[[HEATMAP_NAMES.index(n) for n in WORD_SWAP_UNKNOWN_HEATMAPS]] = float("nan")
         return {
             "image": image,
-            "heatmaps": torch.from_numpy(heatmaps),
-            "scores": torch.tensor([row[name] for name in SCORE_NAMES], dtype=torch.float32),
-            "prompt": row["prompt"],
-            "prompt_words": list(row["prompt_words"]),
-            "word_labels": list(row["word_labels"]),
+            "heatmaps": heatmaps,
+            "scores": scores,
+            "prompt": prompt,
+            "prompt_words": split_prompt_words(prompt) if swap is not None else list(row["prompt_words"]),
+            "word_labels": word_labels,
+            "word_swap": None if swap is None else {"index": swap[0], "from": swap[1], "to": swap[2]},
             "uid": row["uid"],
             # Draws made after loading (e.g. which tasks of the augmented-prompt variant this step trains) take
             # their own generator from this seed, a function of (seed, epoch, index) too.
             "sample_seed": int(np.random.default_rng([self.seed, self.epoch, index, 1]).integers(2**62)),
         }
+
+    def _draw_word_swap(self, prompt: str, word_labels: list[int], index: int) -> tuple[int, str, str] | None:
+        """(word position, old word, new word) when this item's prompt gets a swapped word this epoch, else None.
+
+        Only records with no misaligned word are swapped (a swap could otherwise land on a word already wrong); the
+        draws use their own stream of (seed, epoch, index), so they never shift the image augmentations."""
+        if 0 in word_labels:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+        if rng.random() >= self.word_swap_rate:
+            return None
+        words = split_prompt_words(prompt)
+        candidates = [i for i, w in enumerate(words) if w in self._swap_group_of]
+        if not candidates:
+            return None
+        position = candidates[int(rng.integers(len(candidates)))]
+        old = words[position]
+        others = [w for w in self.word_swap_groups[self._swap_group_of[old]] if w != old]
+        return position, old, others[int(rng.integers(len(others)))]
 
     def _augment(
         self, image: Image.Image, maps: list[np.ndarray], rng: np.random.Generator
