@@ -65,6 +65,11 @@ class RAHFConfig(PreTrainedConfig):
             Number of 3x3 convolutions in the score head before its MLP.
         score_head_hidden_size (`int`, *optional*, defaults to 512):
             Hidden width of the score head's MLP.
+        image_token_pool (`int`, *optional*, defaults to 1):
+            Average-pool the vision tower's patch tokens over `image_token_pool` x `image_token_pool` windows before
+            they join the prompt tokens. 1 (the paper's): every patch token goes to the fusion encoder. A small-patch
+            tower (fine detail) with pooling keeps the fusion encoder's sequence, and its cost, as short as a
+            large-patch tower's. The tower's patch grid must be divisible by it.
         decoder_attends_to (`str`, *optional*, defaults to `"all"`):
             `"all"`: the T5 decoder cross-attends to the fused image and text tokens (the paper's Fig. 3); `"text"`:
             to the text positions only (the first author's re-implementation).
@@ -117,6 +122,7 @@ class RAHFConfig(PreTrainedConfig):
     score_head_channels: int = 256
     score_head_num_convs: int = 6
     score_head_hidden_size: int = 512
+    image_token_pool: int = 1
     decoder_attends_to: Literal["all", "text"] = "all"
     keyword_threshold: float | None = None
     max_text_length: int = 128
@@ -169,6 +175,12 @@ class RAHFConfig(PreTrainedConfig):
             self.text_config.decoder_start_token_id = self.text_config.pad_token_id
         if self.heatmap_size < 1:
             raise ValueError(f"`heatmap_size` must be positive, got {self.heatmap_size}")
+        pool = self.image_token_pool
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or self.tower_grid % pool:
+            raise ValueError(
+                f"`image_token_pool` must be an int >= 1 that divides the vision tower's patch grid "
+                f"({self.tower_grid} = image_size // patch_size), got {pool!r}"
+            )
 
     @property
     def task_names(self) -> list[str]:
@@ -181,10 +193,16 @@ class RAHFConfig(PreTrainedConfig):
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @property
-    def patch_grid(self) -> int:
+    def tower_grid(self) -> int:
+        """Side of the vision tower's own patch grid (image_size // patch_size)."""
         patch = self.vision_config.patch_size
         patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
         return self.image_size // patch
+
+    @property
+    def patch_grid(self) -> int:
+        """Side of the grid of image tokens the fusion encoder sees (and the heads read): the tower's, pooled."""
+        return self.tower_grid // self.image_token_pool
 
 
 __all__ = ["RAHFConfig"]

@@ -261,10 +261,14 @@ class RAHFModel(RAHFPreTrainedModel):
     # The three stages of Fig. 3
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, N, d_model) projected patch tokens (the class token, if any, dropped)."""
+        """(B, 3, H, W) images -> (B, N, d_model) projected patch tokens (the class token, if any, dropped; pooled
+        `config.image_token_pool` x `config.image_token_pool` when that is above 1)."""
         hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, T, D_v)
-        grid = self.config.patch_grid
+        grid, pool = self.config.tower_grid, self.config.image_token_pool
         hidden = hidden[:, -grid * grid :]  # ViT and CLIP put a class token first
+        if pool > 1:  # (B, g*g, D) -> (B, (g/p)*(g/p), D), row-major like the tower's own tokens
+            maps = hidden.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], grid, grid)
+            hidden = F.avg_pool2d(maps, pool).flatten(2).transpose(1, 2)
         return self.visual_projection(hidden)  # (B, N, d_model)
 
     def fuse(

@@ -179,3 +179,31 @@ def test_nan_labels_are_left_out_of_the_loss(variant, heatmap_loss):
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
+
+@pytest.mark.parametrize("tower", ["vit", "clip_vision_model"])
+def test_image_token_pool_averages_the_tower_grid(tmp_path, tower):
+    from rahf.testing import tiny_rahf_config
+
+    config = tiny_rahf_config(vision_model_type=tower, image_token_pool=2)
+    config.vision_config.patch_size = 4  # an 8x8 tower grid, pooled to the 4x4 grid of a patch-8 tower
+    config = type(config).from_dict(config.to_dict())  # validated again
+    assert (config.tower_grid, config.patch_grid) == (8, 4)
+    torch.manual_seed(0)
+    model = RAHFModel(config).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state[:, -64:]  # (2, 64, D), row-major 8x8
+    grid = tokens.reshape(2, 8, 8, -1)
+    expected = (grid[:, 0::2, 0::2] + grid[:, 0::2, 1::2] + grid[:, 1::2, 0::2] + grid[:, 1::2, 1::2]) / 4
+    torch.testing.assert_close(
+        model.get_image_features(pixel_values), model.visual_projection(expected.reshape(2, 16, -1))
+    )
+    processor = tiny_rahf_processor()
+    batch = processor(images=[Image.new("RGB", (32, 32))] * 2, text=PROMPTS, keyword_labels=LABELS)
+    out = model(**batch, **labels_for(model))
+    assert out.heatmaps.shape == (2, 2, 16, 16) and torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path)
+    again = RAHFModel.from_pretrained(tmp_path).eval()
+    assert again.config.image_token_pool == 2
+    torch.testing.assert_close(again(**batch).scores, model(**batch).scores)
+    with pytest.raises(ValueError, match="image_token_pool"):
+        tiny_rahf_config(image_token_pool=3)  # a 4x4 grid
