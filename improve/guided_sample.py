@@ -180,7 +180,8 @@ def guided_sample(
     **guidance_kwargs,
 ) -> dict[str, Any]:
     """Generates every prompt with every seed at every scale (0 included), scores the final images (every RAHF score,
-    from the reward's own pass, or with `RichFeedbackPredictor` for a reward that does not report them all), and writes `images/`, `grid.png` and `summary.json` to `out_dir`.
+    from the reward's own pass, or with `RichFeedbackPredictor` for a reward that does not report them all), and
+    writes `images/`, `grid.png` and `summary.json` to `out_dir`.
 
     Args:
         sd_pipe: any Stable Diffusion pipeline (its scheduler must be one the guided pipeline supports).
