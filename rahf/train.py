@@ -560,13 +560,8 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     if word_swap_rate > 0 and getattr(config, "model_type", None) != "rahf":
         logger.warning("`word_swap_rate` trains keywords, which only RAHF writes: ignored for %s", args.model_type)
         word_swap_rate = 0.0
-    if word_swap_rate > 0:
+    if word_swap_rate > 0:  # the dataset reads and checks the file, naming it when it is missing
         word_swap_groups = args.word_swap_groups or Path(args.data_dir) / "word_swap_groups.json"
-        if not Path(word_swap_groups).is_file():
-            raise ValueError(
-                f"`word_swap_rate` {word_swap_rate} needs `--word_swap_groups`: {str(word_swap_groups)!r} is not a "
-                "file (a JSON {group: [words]}; `rahf data synth` writes DATA_DIR/word_swap_groups.json)"
-            )
     train_dataset = RichFeedbackTorchDataset(
         train_split,
         heatmap_size=config.heatmap_size,
