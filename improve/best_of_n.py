@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 
 from pipelines.loading import dtype_kwarg
-from rahf.job_args import parse_weight_spec, read_prompt_records
+from rahf.job_args import check_finite_numbers, parse_weight_spec, read_prompt_records
+from rahf.pretrained_paths import resolve_pretrained_path
 
 from ._args import MIXED_PRECISIONS, parse_job_args, resolve_mixed_precision, uses_cpu_processes
 
@@ -131,7 +132,8 @@ class BestOfNArguments:
     reward_batch_size: int = field(default=16, metadata={"help": "images per RAHF forward pass"})
     mixed_precision: str | None = field(
         default=None,
-        metadata={"help": "no, fp16 or bf16: the generator's dtype; default: what `accelerate launch` says",
+        metadata={"help": "the generator's dtype: auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; "
+                          "default: what `accelerate launch` says, else no",
                   "choices": list(MIXED_PRECISIONS)},
     )
     device: str | None = field(default=None, metadata={"help": "e.g. cuda, cpu; default: the process's accelerator"})
@@ -140,6 +142,7 @@ class BestOfNArguments:
     image_format: str = field(default="png", metadata={"help": "png or jpg", "choices": ["png", "jpg"]})
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "reward_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -352,8 +355,8 @@ def load_text_to_image_pipeline(name_or_path: str, dtype: torch.dtype = torch.fl
     """`DiffusionPipeline.from_pretrained`, with a clear error when the folder or hub id is not a pipeline."""
     from diffusers import DiffusionPipeline
 
-    if not name_or_path:
-        raise ValueError("pass `--pretrained_model_name_or_path` (a diffusers pipeline folder or hub id)")
+    name_or_path = resolve_pretrained_path(name_or_path, "--pretrained_model_name_or_path",
+                                           what="a diffusers pipeline folder (pipe.save_pretrained)")
     kwargs: dict[str, Any] = dtype_kwarg(dtype)
     if revision:
         kwargs["revision"] = revision
@@ -542,7 +545,7 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
     start_time = time.perf_counter()
     state = PartialState(cpu=uses_cpu_processes() or args.device == "cpu")
     device = torch.device(args.device) if args.device else state.device
-    args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
+    args.mixed_precision = resolve_mixed_precision(args.mixed_precision, device=device)
     output_dir = Path(args.output_dir)
     records = read_prompts(args.prompts_file)
     if args.max_prompts:

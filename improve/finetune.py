@@ -30,6 +30,8 @@ import inspect
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,15 +45,16 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from rahf.train import (
-    CHECKPOINT_PREFIX,
-    TRAINING_STATE_NAME,
+from rahf.job_args import check_finite_numbers
+from rahf.training_utils import (
     EpochShuffleSampler,
-    JsonlTracker,
+    NonFiniteGuard,
+    build_trackers,
+    check_finite_parameters,
     checkpoint_step,
     list_checkpoints,
-    prune_checkpoints,
     resolve_resume_checkpoint,
+    save_checkpoint,
 )
 
 from ._args import MIXED_PRECISIONS, parse_job_args, resolve_mixed_precision, uses_cpu_processes
@@ -150,7 +153,8 @@ class LoRAFineTuneArguments:
     # ---- precision, reproducibility, outputs
     mixed_precision: str | None = field(
         default=None,
-        metadata={"help": "no, fp16 or bf16; default: what `accelerate launch` says", "choices": list(MIXED_PRECISIONS)},
+        metadata={"help": "auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; default: what `accelerate "
+                          "launch` says, else no", "choices": list(MIXED_PRECISIONS)},
     )
     allow_tf32: bool = field(default=False, metadata={"help": "TF32 matmuls on Ampere+ GPUs"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA init, data order, noise and validation"})
@@ -181,6 +185,7 @@ class LoRAFineTuneArguments:
     )
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "logging_steps",
                      "num_validation_images", "validation_num_inference_steps", "resolution"):
             value = getattr(self, name)
@@ -282,25 +287,35 @@ def lora_checksum(denoiser_or_state: torch.nn.Module | dict[str, torch.Tensor]) 
 def save_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path, is_main_process: bool = True) -> Path:
     """Writes `directory/pytorch_lora_weights.safetensors` as diffusers' LoRA scripts do (the format that
     `pipe.load_lora_weights` reads): `StableDiffusionPipeline.save_lora_weights` for SD, with the adapter's
-    `LoraConfig` as metadata; `AmusedLoraLoaderMixin.save_lora_weights` for aMUSEd."""
+    `LoraConfig` as metadata; `AmusedLoraLoaderMixin.save_lora_weights` for aMUSEd. The file is written beside its
+    place and renamed into it, so a kill never leaves a torn LoRA file."""
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders import AmusedLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    target = Path(directory) / LORA_WEIGHT_NAME
+    if not is_main_process:
+        return target
     layers = get_lora_state_dict(denoiser)
+    scratch = Path(directory) / ".tmp-lora"
+    if scratch.exists():
+        shutil.rmtree(scratch)  # left by a killed run
+    scratch.mkdir(parents=True)
     if kind == "sd":
         kwargs: dict[str, Any] = {}
         if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
             kwargs["unet_lora_adapter_metadata"] = denoiser.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(directory), unet_lora_layers=convert_state_dict_to_diffusers(layers),
-            is_main_process=is_main_process, safe_serialization=True, **kwargs,
+            save_directory=str(scratch), unet_lora_layers=convert_state_dict_to_diffusers(layers),
+            safe_serialization=True, **kwargs,
         )
     else:
-        AmusedLoraLoaderMixin.save_lora_weights(
-            str(directory), transformer_lora_layers=layers, is_main_process=is_main_process, safe_serialization=True
-        )
-    return Path(directory) / LORA_WEIGHT_NAME
+        AmusedLoraLoaderMixin.save_lora_weights(str(scratch), transformer_lora_layers=layers, safe_serialization=True)
+    with open(scratch / LORA_WEIGHT_NAME, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(scratch / LORA_WEIGHT_NAME, target)
+    shutil.rmtree(scratch)
+    return target
 
 
 def restore_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path) -> None:
@@ -611,16 +626,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     logging_dir = output_dir / args.logging_dir
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
     PartialState(cpu=uses_cpu_processes())  # the process group first (gloo when there is no GPU)
-    log_with: list = []
-    if args.report_to in ("jsonl", "all"):
-        log_with.append(JsonlTracker(logging_dir / "train_log.jsonl"))
-    if args.report_to in ("tensorboard", "all"):
-        from accelerate.utils import is_tensorboard_available
-
-        if is_tensorboard_available():
-            log_with.append("tensorboard")
-        else:
-            logger.warning("report_to=%s: tensorboard is not installed, skipping it", args.report_to)
+    log_with = build_trackers(args.report_to, logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
@@ -738,15 +744,11 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
                 save_lora(accelerator.unwrap_model(denoiser_ddp), kind,
                           output_dir / "debug_sync" / f"resumed-step-{global_step}")
 
-    def save_checkpoint(step: int) -> None:
-        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-            prune_checkpoints(output_dir, keep=args.checkpoints_total_limit - 1)
-        path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            (path / TRAINING_STATE_NAME).write_text(json.dumps({"global_step": step}) + "\n")
-        accelerator.wait_for_everyone()
-        logger.info("saved %s", path)
+    guard = NonFiniteGuard(accelerator.device, start_step=global_step)
+
+    def checkpoint(step: int) -> None:
+        guard.check(accelerator, f"before saving checkpoint-{step}")
+        save_checkpoint(accelerator, output_dir, step, total_limit=args.checkpoints_total_limit)
 
     def validate(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -767,7 +769,9 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     progress = tqdm(range(max_train_steps), initial=global_step, desc="LoRA", unit="step",
                     disable=not accelerator.is_local_main_process)
     denoiser_ddp.train()
-    loss_sum, loss_count = torch.zeros((), dtype=torch.float64), 0
+    # Summed on the device: a .item() per micro-batch would make the CPU wait for the GPU each time.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    loss_count = 0
     step_indices: list[int] = []
     grad_norm = None
     start_time = time.perf_counter()
@@ -787,30 +791,31 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
                 else:
                     per_image = _amused_loss(batch, pipe, denoiser_ddp, args, weight_dtype)
                 loss = (per_image * batch["weight"].to(per_image.device)).mean()
+                guard.observe(loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float().item()
+            loss_sum += loss.detach().double()
             loss_count += 1
             step_indices += batch["index"].tolist()
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            guard.end_step(grad_norm if accelerator.mixed_precision != "fp16" else None)
+            guard.check_learning_rate(lr_scheduler.get_last_lr()[0], global_step)
             progress.update(1)
             if args.debug_check_sync:
                 _append_jsonl(sync_file, {"step": global_step, "num_processes": accelerator.num_processes,
                                           "sha256": lora_checksum(accelerator.unwrap_model(denoiser_ddp)),
                                           "indices": step_indices})
             step_indices = []
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(global_step)
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                mean_loss = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(loss_count),
-                                                                                   dtype=torch.float64)])
-                                               .to(accelerator.device), reduction="sum").cpu()
+                guard.check(accelerator, f"at the log of step {global_step}")
+                mean_loss = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(loss_count))]),
+                                               reduction="sum").cpu()
                 record = {"loss": float(mean_loss[0] / max(mean_loss[1], 1.0)), "lr": lr_scheduler.get_last_lr()[0],
                           "epoch": epoch}
                 if grad_norm is not None:
@@ -821,11 +826,16 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
                 loss_count = 0
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
                 last_validation = validate(global_step)
+            # Last: a checkpoint at step N implies that everything logged up to N is on disk.
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                checkpoint(global_step)
             if global_step >= max_train_steps:
                 break
     progress.close()
 
-    # 5. The final LoRA and the last validation.
+    # 5. The final LoRA (never a non-finite one) and the last validation.
+    guard.check(accelerator, "at the end of training")
+    check_finite_parameters(accelerator.unwrap_model(denoiser_ddp), f"the LoRA in {output_dir}")
     accelerator.wait_for_everyone()
     lora_path = output_dir / LORA_WEIGHT_NAME
     if accelerator.is_main_process:

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from pipelines.loading import dtype_kwarg
 from pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
-from rahf.job_args import read_prompt_records
+from rahf.job_args import MIXED_PRECISIONS, check_finite_numbers, read_prompt_records, resolve_mixed_precision
 from rahf.modeling_rahf import RAHFModel
 from rahf.predictor import RichFeedbackPredictor
+from rahf.pretrained_paths import resolve_pretrained_path
 from rahf.processing_rahf import RAHFProcessor
 from rahf.viz import image_grid
 
@@ -114,7 +115,11 @@ class GuidedSampleArguments:
     output_dir: str = field(default="guided-output", metadata={"help": "where images/, grid.png, summary.json go"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda when available)"})
     mixed_precision: str = field(
-        default="no", metadata={"help": "dtype of the Stable Diffusion pipeline", "choices": sorted(_DTYPES)}
+        default="no",
+        metadata={
+            "help": "dtype of the Stable Diffusion pipeline: auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16, bf16",
+            "choices": list(MIXED_PRECISIONS),
+        },
     )
 
     def __post_init__(self):
@@ -122,9 +127,7 @@ class GuidedSampleArguments:
             self.reward_guidance_scale = [float(self.reward_guidance_scale)]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
-        for scale in self.reward_guidance_scale:
-            if not math.isfinite(scale):
-                raise ValueError(f"`--reward_guidance_scale` values must be finite numbers, got {scale!r}")
+        check_finite_numbers(self)
         if not self.seeds:
             raise ValueError("`--seeds` is empty; pass at least one seed, e.g. --seeds 0 1 2 3")
         if self.num_inference_steps < 1:
@@ -334,10 +337,16 @@ def _load_sd_pipeline(args: GuidedSampleArguments, device: str):
     import diffusers
     from diffusers import DiffusionPipeline
 
-    dtype = _DTYPES[args.mixed_precision]
-    pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, **dtype_kwarg(dtype)
+    dtype = _DTYPES[resolve_mixed_precision(args.mixed_precision, device=device)]
+    path = resolve_pretrained_path(
+        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", what="a Stable Diffusion pipeline folder"
     )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, revision=args.revision, **dtype_kwarg(dtype))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"`--pretrained_model_name_or_path` {path!r} could not be loaded as a diffusers pipeline ({err})"
+        ) from err
     scheduler_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     return pipe.to(device)
@@ -359,9 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args.prompts_file)
+    reward_model = resolve_pretrained_path(args.reward_model, "--reward_model", what="a RAHF model folder")
     sd_pipe = _load_sd_pipeline(args, device)
-    model = RAHFModel.from_pretrained(args.reward_model).to(device)
-    processor = RAHFProcessor.from_pretrained(args.reward_model)
+    model = RAHFModel.from_pretrained(reward_model).to(device)
+    processor = RAHFProcessor.from_pretrained(reward_model)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "guided_sample_args.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipelines.loading import dtype_kwarg
 from rahf.job_args import parse_weight_spec
+from rahf.pretrained_paths import resolve_pretrained_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,16 @@ def load_rahf_inpaint_pipeline(
 
     from rahf import RAHFModel, RAHFProcessor
 
+    if dtype in (torch.float16, torch.bfloat16) and str(device).split(":")[0] == "cpu":
+        raise ValueError(
+            f"`--dtype` {dtype} on a CPU would run in emulated half precision, 10-100x slower than float32; drop "
+            "--dtype (or pass fp32) on a CPU"
+        )
+    inpainter = resolve_pretrained_path(inpainter, "--inpainter", what="an inpainting pipeline folder")
     kwargs: dict[str, Any] = {} if dtype is None else dtype_kwarg(dtype)
     reward: dict[str, Any] = {}
     if model is not None:
+        model = resolve_pretrained_path(model, "--model", what="a RAHF model folder", allow_hub=False)
         if not (Path(model) / "config.json").is_file():
             raise ValueError(
                 f"`--model` {model!r} is not a RAHF folder (no config.json); pass the folder written by "
@@ -92,7 +100,10 @@ def load_rahf_inpaint_pipeline(
             )
         reward_model = RAHFModel.from_pretrained(model, dtype=dtype) if dtype else RAHFModel.from_pretrained(model)
         reward = {"reward_model": reward_model, "reward_processor": RAHFProcessor.from_pretrained(model)}
-    class_name = DiffusionPipeline.load_config(inpainter).get("_class_name")
+    try:
+        class_name = DiffusionPipeline.load_config(inpainter).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"`--inpainter` {inpainter!r} is not a diffusers pipeline ({err})") from err
     if class_name in _RAHF_PIPELINES:
         from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
         from pipelines.rahf_inpaint import RAHFInpaintPipeline

@@ -16,16 +16,13 @@ rahf train --config configs/train/synth_tiny.yaml --resume_from_checkpoint lates
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,12 +31,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate.tracking import GeneralTracker
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from .configuration_rahf import KEYWORDS_TASK
-from .job_args import uses_cpu_processes
+from .job_args import resolve_mixed_precision, uses_cpu_processes
 from .training_args import RAHFTrainingArguments, parse_training_args
+from .training_utils import (
+    TRAINING_STATE_NAME,
+    EpochShuffleSampler,
+    JsonlTracker,
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    atomic_directory,
+    build_trackers,
+    check_finite_parameters,
+    checkpoint_step,
+    json_value,
+    list_checkpoints,
+    parameters_checksum,
+    prune_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    truncate_log,
+)
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -64,8 +78,6 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE_NAME = "training_state.json"
 CHECKPOINT_MODEL_DIR = "model"
 TRAIN_LOG_NAME = "train_log.jsonl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -162,25 +174,6 @@ def build_model_and_processor(args: RAHFTrainingArguments) -> tuple[torch.nn.Mod
 # Data order, optimizer, schedules
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of `range(num_samples)` that depends only on (seed, epoch): the same on every process
-    and after a resume, whatever else consumed random numbers. Call `set_epoch` before each epoch."""
-
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 def build_optimizer(model: torch.nn.Module, args: RAHFTrainingArguments, learning_rate: float):
     """AdamW (or bitsandbytes AdamW8bit); no weight decay on biases and normalisation weights (1-D parameters)."""
     decay, no_decay = [], []
@@ -271,155 +264,6 @@ def build_lr_scheduler(
     if num_processes != 1:
         factor = partial(_per_optimizer_step, factor=factor, num_processes=num_processes)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Logging
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-class JsonlTracker(GeneralTracker):
-    """An accelerate tracker that appends one JSON object per `accelerator.log` call to a file.
-
-    Examples:
-
-    ```python
-    >>> accelerator = Accelerator(log_with=[JsonlTracker("out/logs/train_log.jsonl")])
-    >>> accelerator.init_trackers("rahf")
-    >>> accelerator.log({"loss": 0.5}, step=10)  # appends {"step": 10, "loss": 0.5}
-    ```
-    """
-
-    name = "jsonl"
-    requires_logging_directory = False
-
-    def __init__(self, path: str | Path):
-        super().__init__()
-        self.path = Path(path)
-
-    @property
-    def tracker(self) -> Path:
-        return self.path
-
-    def store_init_configuration(self, values: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
-
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _trackers(args: RAHFTrainingArguments, logging_dir: Path) -> list:
-    from accelerate.utils import is_tensorboard_available
-
-    trackers: list = []
-    if args.report_to in ("jsonl", "all"):
-        trackers.append(JsonlTracker(logging_dir / TRAIN_LOG_NAME))
-    if args.report_to in ("tensorboard", "all"):
-        if is_tensorboard_available():
-            trackers.append("tensorboard")
-        else:
-            logger.warning(
-                "report_to=%s: tensorboard is not installed, skipping it (pip install tensorboard)", args.report_to
-            )
-    return trackers
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The `checkpoint-{step}` folders of `output_dir`, oldest (smallest step) first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for path in output_dir.iterdir():
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Deletes the oldest checkpoints so that at most `keep` remain; returns the deleted folders."""
-    checkpoints = list_checkpoints(output_dir)
-    doomed = checkpoints[: max(0, len(checkpoints) - keep)]
-    for path in doomed:
-        shutil.rmtree(path)
-    if doomed:
-        logger.info("deleted %d old checkpoint(s): %s", len(doomed), ", ".join(p.name for p in doomed))
-    return doomed
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keeps the records of a jsonl log up to `step`; a fresh run (`step` 0) starts an empty log."""
-    if not path.is_file():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    path.write_text("".join(line + "\n" for line in lines if (json.loads(line).get("step") or 0) <= step))
-
-
-def checkpoint_step(path: Path) -> int:
-    """The global step a `checkpoint-{step}` folder was saved at (its training state, else its name)."""
-    state_file = path / TRAINING_STATE_NAME
-    if state_file.is_file():
-        return int(json.loads(state_file.read_text())["global_step"])
-    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-    if not match:
-        raise ValueError(
-            f"`resume_from_checkpoint` {str(path)!r} has no {TRAINING_STATE_NAME} and is not named "
-            f"{CHECKPOINT_PREFIX}<step>"
-        )
-    return int(match.group(1))
-
-
-def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
-    """`--resume_from_checkpoint`: None, "latest" (the newest checkpoint in `output_dir`, or None when there is
-    none) or a folder (as given, or relative to `output_dir`)."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", output_dir)
-            return None
-        return checkpoints[-1]
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir() and (Path(output_dir) / resume_from_checkpoint).is_dir():
-        path = Path(output_dir) / resume_from_checkpoint
-    if not path.is_dir():
-        raise ValueError(
-            f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a folder; pass 'latest' or a "
-            f"{CHECKPOINT_PREFIX}<step> folder"
-        )
-    return path
-
-
-def parameters_checksum(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in name order: equal checksums mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -602,9 +446,9 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision, cpu_bf16_ok=True),
         cpu=state.device.type == "cpu",
-        log_with=_trackers(args, logging_dir),
+        log_with=build_trackers(args.report_to, logging_dir, TRAIN_LOG_NAME),
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(logging_dir), automatic_checkpoint_naming=False
         ),
@@ -720,7 +564,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                 )
     if accelerator.is_main_process:
         # A fresh run starts a fresh log; a resumed one drops what the interrupted run logged after its checkpoint.
-        _truncate_log(logging_dir / TRAIN_LOG_NAME, global_step)
+        truncate_log(logging_dir / TRAIN_LOG_NAME, global_step)
         accelerator.init_trackers(
             "rahf",
             config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()},
@@ -738,26 +582,17 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         if resume_from is None and sync_file.exists():
             sync_file.unlink()
 
-    def save_checkpoint(step: int, epoch: int) -> None:
-        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-            prune_checkpoints(output_dir, keep=args.checkpoints_total_limit - 1)  # make room, as diffusers does
-        path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        accelerator.save_state(str(path))  # every process: each writes its own RNG state
-        if accelerator.is_main_process:
-            (path / TRAINING_STATE_NAME).write_text(
-                json.dumps(
-                    {
-                        "global_step": step,
-                        "epoch": epoch,
-                        "num_update_steps_per_epoch": num_update_steps_per_epoch,
-                        "max_train_steps": max_train_steps,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
-        accelerator.wait_for_everyone()
-        logger.info("saved %s", path)
+    guard = NonFiniteGuard(accelerator.device, start_step=global_step)
+
+    def checkpoint(step: int, epoch: int) -> None:
+        guard.check(accelerator, f"before saving checkpoint-{step}")  # a non-finite model is never checkpointed
+        save_checkpoint(
+            accelerator,
+            output_dir,
+            step,
+            {"epoch": epoch, "num_update_steps_per_epoch": num_update_steps_per_epoch, "max_train_steps": max_train_steps},
+            total_limit=args.checkpoints_total_limit,
+        )
 
     def run_validation(step: int) -> dict[str, float]:
         # Validation must not shift the training run's random stream, or a resumed run would diverge.
@@ -807,6 +642,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss = outputs.loss
+                guard.observe(loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -823,6 +659,9 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                 continue
 
             global_step += 1
+            # fp16's loss scaler skips steps whose gradients overflow: an inf gradient norm is normal there.
+            guard.end_step(grad_norm if accelerator.mixed_precision != "fp16" else None)
+            guard.check_learning_rate(lr_scheduler.get_last_lr()[0], global_step)
             progress.update(1)
             if args.debug_check_sync:
                 with sync_file.open("a") as f:
@@ -837,9 +676,8 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                         + "\n"
                     )
             step_uids = []
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(global_step, epoch)
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                guard.check(accelerator, f"at the log of step {global_step}")
                 totals = accelerator.reduce(torch.stack([sums, counts]), reduction="sum").cpu()
                 record = {
                     name: float(totals[0, i] / totals[1, i]) for i, name in enumerate(head_names) if totals[1, i] > 0
@@ -853,11 +691,16 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                 counts.zero_()
             if eval_dataloader is not None and args.validation_steps and global_step % args.validation_steps == 0:
                 last_validation = run_validation(global_step)
+            # Last: a checkpoint at step N implies that everything logged up to N is on disk.
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                checkpoint(global_step, epoch)
             if global_step >= max_train_steps:
                 break
     progress.close()
 
-    # 6. The last validation, and the final model and processor.
+    # 6. The last validation, and the final model and processor (never a non-finite one).
+    guard.check(accelerator, "at the end of training")
+    check_finite_parameters(accelerator.unwrap_model(model), f"{output_dir / 'final'}")
     if eval_dataloader is not None and (not args.validation_steps or global_step % args.validation_steps):
         last_validation = run_validation(global_step)
     accelerator.wait_for_everyone()
@@ -878,20 +721,21 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                 },
                 step=global_step,
             )
-        accelerator.unwrap_model(model).save_pretrained(final_dir)
-        processor.save_pretrained(final_dir)
-        (final_dir / "training_summary.json").write_text(
-            json.dumps(
-                {
-                    "global_step": global_step,
-                    "train_seconds": time.perf_counter() - start_time,
-                    "validation": {k: _json_value(v) for k, v in last_validation.items()},
-                    "keyword_threshold_calibration": calibration,
-                },
-                indent=2,
+        with atomic_directory(final_dir) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            (tmp / "training_summary.json").write_text(
+                json.dumps(
+                    {
+                        "global_step": global_step,
+                        "train_seconds": time.perf_counter() - start_time,
+                        "validation": {k: json_value(v) for k, v in last_validation.items()},
+                        "keyword_threshold_calibration": calibration,
+                    },
+                    indent=2,
+                )
+                + "\n"
             )
-            + "\n"
-        )
         logger.info(
             "saved the final model to %s (%d steps, %.0fs)", final_dir, global_step, time.perf_counter() - start_time
         )
@@ -1007,7 +851,11 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_training_args(argv)
-    train(args)
+    try:
+        train(args)
+    except NonFiniteTrainingError as err:
+        logger.error("%s", err)
+        return 1
     return 0
 
 

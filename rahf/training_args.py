@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .job_args import MIXED_PRECISIONS, parse_job_args
+from .job_args import MIXED_PRECISIONS, check_finite_numbers, parse_job_args
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class RAHFTrainingArguments:
     mixed_precision: str | None = field(
         default=None,
         metadata={
-            "help": "no, fp16 or bf16; default: what `accelerate launch` / `accelerate config` says",
+            "help": "auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; default: what `accelerate "
+            "launch` / `accelerate config` says, else no",
             "choices": list(MIXED_PRECISIONS),
         },
     )
@@ -173,6 +174,7 @@ class RAHFTrainingArguments:
     )
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         if self.validation_split in ("", "none", "None"):
             self.validation_split = None
         positive = (

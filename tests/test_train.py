@@ -25,6 +25,7 @@ from rahf.train import (
     train,
 )
 from rahf.training_args import parse_training_args
+from rahf.training_utils import COMPLETE_MARKER
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +227,15 @@ def test_8bit_adam_takes_a_step():
 # Runs
 
 
+def _complete_checkpoint(path):
+    path.mkdir()
+    (path / "optimizer.bin").write_bytes(b"0123")
+    (path / COMPLETE_MARKER).write_text(json.dumps({"global_step": 0, "files": {"optimizer.bin": 4}}))
+
+
 def test_list_and_prune_checkpoints_sort_by_step(tmp_path):
     for step in (9, 10, 2, 100):
-        (tmp_path / f"checkpoint-{step}").mkdir()
+        _complete_checkpoint(tmp_path / f"checkpoint-{step}")
     (tmp_path / "checkpoint-x").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == [
         "checkpoint-2",
