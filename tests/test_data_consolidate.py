@@ -187,3 +187,105 @@ def test_cli_consolidate_and_image_bytes_kept(tmp_path: Path) -> None:
     # The output folder now holds a data set: refused unless --overwrite.
     assert data_main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert data_main([*argv, "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels: a decompression bomb, refused from its header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_no_line_can_abort_the_run_each_is_reported(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", ["img0.png", "sub/img1.png"])
+    _images(tmp_path / "elsewhere", ["secret.png"])
+    (images / "outside.png").symlink_to(tmp_path / "elsewhere" / "secret.png")
+    (images / "inside.png").symlink_to(images / "sub" / "img1.png")
+    (images / "bomb.png").write_bytes(_png_declaring(10_000, 10_000))  # 100 M pixels > the 40 M cap
+
+    def raw_line(token: str, field: str, **overrides) -> bytes:
+        marker = "@@TOKEN@@"
+        return json.dumps(_line(**{**overrides, field: marker})).replace(f'"{marker}"', token).encode()
+
+    many_points = [{"x": 1, "y": 1, "kind": "implausibility"}] * 1001
+    lines = {
+        1: json.dumps(_line(annotator="ok")).encode(),
+        2: json.dumps(_line(annotator="b")).replace('"plausibility": 3', '"plausibility": 1e400').encode(),
+        3: raw_line("9" * 5001, "annotator"),
+        4: json.dumps(_line(annotator="d"))[:-1].encode() + b', "note": "caf\xe9"}',  # Latin-1, not UTF-8
+        5: b"[" * 100_000 + b"]" * 100_000,
+        6: raw_line("NaN", "annotator"),
+        7: raw_line('"' + "x" * 1_000_001 + '"', "prompt", annotator="g"),  # beyond the default line cap
+        8: json.dumps(_line(uid="out", annotator="h", image="outside.png")).encode(),
+        9: json.dumps(_line(uid="in", annotator="i", image="inside.png")).encode(),
+        10: json.dumps(_line(uid="empty", annotator="j", prompt="")).encode(),
+        11: json.dumps(_line(uid="blank", annotator="k", prompt="   \t ")).encode(),
+        12: json.dumps(_line(uid="nowords", annotator="l", prompt=", . ; ?!")).encode(),
+        13: json.dumps(_line(uid="bomb", annotator="m", image="bomb.png")).encode(),
+        14: raw_line('"\\ud800 cat"', "prompt", annotator="n"),
+        15: json.dumps(_line(annotator="o", points=many_points)).encode(),
+        16: raw_line("-Infinity", "annotator"),
+        17: json.dumps(_line(annotator="q", points=[{"x": 10**400, "y": 1, "kind": "implausibility"}])).encode(),
+        18: json.dumps(_line(uid="loop", annotator="r", image="loop.png")).encode(),
+        19: json.dumps(_line(uid="long", annotator="s", image="x" * 300 + ".png")).encode(),
+    }
+    (images / "loop.png").symlink_to(images / "loop.png")
+    (tmp_path / "ann.jsonl").write_bytes(b"\n".join(lines[n] for n in sorted(lines)) + b"\n")
+
+    report = consolidate(tmp_path / "ann.jsonl", images, tmp_path / "out")
+    by_line = {entry["line"]: entry["reason"] for entry in report["invalid"] if entry["line"] is not None}
+    expected = {
+        2: "number refused: the number 1e400 is beyond the range of a double",
+        3: "number refused: an integer literal too long to convert",
+        4: "not valid UTF-8: byte 0xe9",
+        5: "JSON nested too deeply",
+        6: "number refused: the literal NaN is not JSON",
+        7: "more than the 1,000,000 accepted (max_line_chars)",
+        8: "the image path 'outside.png' resolves outside --images",
+        10: "'prompt' '' has no words",
+        11: "'prompt' '   \\t ' has no words",
+        12: "'prompt' ', . ; ?!' has no words",
+        13: "10000 x 10000 = 100,000,000 pixels, more than the cap of 40,000,000",
+        14: "is not valid Unicode (a lone surrogate)",
+        15: "'points' holds 1,001 points, more than the 1000 accepted",
+        16: "number refused: the literal -Infinity is not JSON",
+        17: "'x' and 'y' must be finite numbers",
+        18: "unusable image path 'loop.png'",
+        19: "unusable image path",
+    }
+    assert set(by_line) == set(expected), by_line
+    for line_no, fragment in expected.items():
+        assert fragment in by_line[line_no], (line_no, by_line[line_no])
+    # Lines 1 (img0) and 9 (a link that stays inside --images) are kept.
+    assert report["lines"] == 19 and report["valid_lines"] == 2
+    ds = load_rich_feedback(tmp_path / "out")
+    assert sorted(ds["train"]["uid"]) == ["img0", "in"]
+    inside = ds["train"][ds["train"]["uid"].index("in")]["image"]
+    np.testing.assert_array_equal(np.asarray(inside), np.asarray(Image.open(images / "sub" / "img1.png")))
+    saved = json.loads((tmp_path / "out" / "consolidation_report.json").read_text())
+    assert saved == report
+
+
+def test_cli_line_cap_and_pixel_cap_are_settable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _images(tmp_path / "images", ["img0.png", "img1.png"])
+    long_prompt = "a red cat on a mat " + "very " * 100  # a line of ~750 characters; the other has ~250
+    lines = [json.dumps(_line(prompt=long_prompt)), json.dumps(_line(uid="img1"))]
+    (tmp_path / "ann.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["consolidate", "--annotations", str(tmp_path / "ann.jsonl"), "--images", str(images)]
+    assert data_main([*argv, "--out", str(tmp_path / "out"), "--max_line_chars", "400"]) == 0
+    report = json.loads((tmp_path / "out" / "consolidation_report.json").read_text())
+    assert [(e["line"], "more than the 400 accepted" in e["reason"]) for e in report["invalid"]] == [(1, True)]
+    assert report["valid_lines"] == 1
+    # The pixel cap of rahf.image_io (48 x 60 = 2,880 pixels here) is the one consolidation applies.
+    monkeypatch.setenv("RAHF_MAX_IMAGE_PIXELS", "2000")
+    assert data_main([*argv, "--out", str(tmp_path / "out2")]) == 0
+    report = json.loads((tmp_path / "out2" / "consolidation_report.json").read_text())
+    reasons = [e["reason"] for e in report["invalid"] if e["line"] is not None]
+    assert len(reasons) == 2 and all("48 x 60 = 2,880 pixels, more than the cap of 2,000" in r for r in reasons)
+    assert report["images"] == 0
+    assert data_main([*argv, "--out", str(tmp_path / "out3"), "--max_line_chars", "0"]) == 2  # a usage mistake

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import struct
@@ -17,7 +18,7 @@ from PIL import Image
 from rahf.data.cli import main as data_main
 from rahf.data.richhf import convert_richhf, split_from_filename, uid_from_filename
 from rahf.data.schema import SCORE_NAMES, SPLITS, load_rich_feedback
-from rahf.data.tfrecord import scan_tfrecords, write_tfrecords
+from rahf.data.tfrecord import encode_example, frame_record, masked_crc32c, scan_tfrecords, write_tfrecords
 
 PROMPTS = {
     "u0": "a red cat, on a mat",
@@ -273,3 +274,54 @@ def test_bad_arguments_fail_before_reading(tmp_path: Path) -> None:
         convert_richhf([tmp_path / "train.tfrecord"], tmp_path / "images", tmp_path / "busy")
     argv = ["convert-richhf", "--tfrecords", str(tmp_path / "misc.tfrecord"), "--pickapic", "x", "--out", "y"]
     assert data_main(argv) == 2  # a user mistake: one logged line, exit status 2
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A single-channel PNG whose header declares width x height pixels, with almost no data: a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_hostile_records_and_files_are_skipped_records_never_a_crash(tmp_path: Path) -> None:
+    records = {uid: _record(uid, LIKERT[uid], seed=i) for i, uid in enumerate(PROMPTS)}
+    # train, gzip-compressed: two good records, then a header declaring 2**36 bytes with its length CRC right.
+    huge = struct.pack("<Q", 2**36)
+    tail = huge + struct.pack("<I", masked_crc32c(huge)) + b"only a few bytes"
+    train = b"".join(frame_record(encode_example(records[uid])) for uid in ("u0", "u1")) + tail
+    (tmp_path / "train.tfrecord.gz").write_bytes(gzip.compress(train))
+    test = [
+        {**records["u2"], "artifact_map": [_png_declaring(10_000, 10_000)]},  # 100 M pixels > the 40 M cap
+        {**records["u3"], "artifact_score": [float("inf")]},
+        records["u4"],  # its prompt has no words
+        records["u5"],  # its image is a link out of the folder
+    ]
+    write_tfrecords(tmp_path / "test.tfrecord", test)
+    folder = tmp_path / "images"
+    _write_images_folder(folder, ["u0", "u1", "u2", "u3"])
+    (folder / "u4.png").write_bytes(_png(_image("u4")))
+    (tmp_path / "secret.png").write_bytes(_png(_image("u5")))
+    (folder / "u5.png").symlink_to(tmp_path / "secret.png")
+    with open(folder / "prompts.jsonl", "ab") as f:
+        f.write(b'{"uid": "u4", "prompt": " , . "}\n{"uid": "u5", "prompt": "green apple"}\n')
+        f.write(b"[" * 100_000 + b"\n" + b"9" * 5001 + b'\n{"uid": "\xff"}\n')  # bad lines: warnings only
+
+    report = convert_richhf([tmp_path / "train.tfrecord.gz", tmp_path / "test.tfrecord"], folder, tmp_path / "out")
+    assert (report["read"], report["converted"]) == (3 + 4, 2)
+    assert report["score_scale"]["scale"] == "likert"  # the infinite score did not poison the detection
+    skipped = {(s["split"], s["index"]): s["reason"] for s in report["skipped"]}
+    assert skipped[("train", 2)] == (
+        "declared record length 68,719,476,736 bytes is more than the maximum record size of 1,073,741,824 bytes "
+        "(max_record_bytes): a damaged length field, or raise max_record_bytes if the record is genuine; the rest "
+        "of the file is unreadable"
+    )
+    assert skipped[("test", 0)].startswith("undecodable map: artifact_map: ImageTooLargeError")
+    assert "10000 x 10000 = 100,000,000 pixels" in skipped[("test", 0)]
+    assert skipped[("test", 1)] == "bad score: artifact_score is inf"
+    assert skipped[("test", 2)].startswith("empty prompt: the Pick-a-Pic prompt ' , . ' has no words")
+    assert skipped[("test", 3)] == "unsafe image: 'u5.png' resolves outside the --pickapic folder"
+    ds = load_rich_feedback(tmp_path / "out")
+    assert ds["train"]["uid"] == ["u0", "u1"] and len(ds["test"]) == 0

@@ -200,3 +200,94 @@ def test_truncated_file_is_reported(tmp_path, cut: int) -> None:
     assert items[:2] == records[:2]
     assert len(items) == 3 and isinstance(items[2], TFRecordCorruption)
     assert items[2].fatal and items[2].index == 2 and "truncated" in items[2].reason
+
+
+def _header(length: int, fix_crc: bool = True) -> bytes:
+    """A record header declaring `length`, with its length CRC right (so the length itself must be distrusted)."""
+    raw = struct.pack("<Q", length)
+    return raw + struct.pack("<I", masked_crc32c(raw) if fix_crc else 0)
+
+
+@pytest.mark.parametrize("length", [2**36, 2**40, 2**63, 2**64 - 1])
+def test_gzip_huge_declared_length_is_a_fatal_corruption_not_an_allocation(tmp_path, length: int) -> None:
+    # The gzip path knows no file size: before the fix, read(2**36) raised MemoryError and read(2**64 - 1)
+    # OverflowError.
+    records = _records(2)
+    path = tmp_path / "x.tfrecord.gz"
+    path.write_bytes(gzip.compress(b"".join(frame_record(r) for r in records) + _header(length) + b"abc"))
+    items = list(read_tfrecords(path))
+    assert items[:2] == records and len(items) == 3
+    bad = items[2]
+    assert isinstance(bad, TFRecordCorruption) and bad.fatal and bad.index == 2
+    assert f"declared record length {length:,} bytes" in bad.reason and "max_record_bytes" in bad.reason
+    with pytest.raises(TFRecordCorruptionError, match="maximum record size"):
+        read_tfrecord_at(path, _offsets(path)[2])
+    # The same header in a plain file is a truncation: the file's size bounds it.
+    plain = tmp_path / "x.tfrecord"
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
+    assert "truncated" in list(read_tfrecords(plain))[2].reason
+
+
+def test_gzip_lying_length_below_the_cap_reads_in_bounded_chunks(tmp_path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "x.tfrecord.gz"
+    length = 2**30 - 1  # accepted by the cap; the stream holds 1 MiB of it
+    path.write_bytes(gzip.compress(_header(length) + bytes(2**20)))
+    tracemalloc.start()
+    try:
+        items = list(read_tfrecords(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(items) == 1 and items[0].fatal
+    assert items[0].reason == f"truncated: record of {length} bytes; the stream ends after {2**20} of them"
+    assert peak < 16 * 2**20, f"{peak:,} bytes allocated for a stream of 1 MiB"  # read(length) would take 1 GiB
+
+
+def test_max_record_bytes_applies_to_plain_and_gzip_files(tmp_path) -> None:
+    records = _records(3)  # sizes 10, ~110, ~210 bytes
+    plain = tmp_path / "x.tfrecord"
+    write_tfrecords(plain, records)
+    packed = tmp_path / "x.tfrecord.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for path in (plain, packed):
+        items = list(read_tfrecords(path, max_record_bytes=150))
+        assert items[:2] == records[:2] and len(items) == 3
+        assert items[2].fatal and "more than the maximum record size of 150 bytes" in items[2].reason
+        assert list(read_tfrecords(path, max_record_bytes=len(records[2]))) == records
+    with pytest.raises(ValueError, match="`max_record_bytes` must be a non-negative byte count, got -1"):
+        list(read_tfrecords(plain, max_record_bytes=-1))
+    with pytest.raises(ValueError, match="`offset` must be a non-negative byte offset.*got -5"):
+        read_tfrecord_at(plain, -5)
+
+
+def test_damaged_gzip_stream_is_a_fatal_corruption(tmp_path) -> None:
+    records = _records(3)
+    compressed = gzip.compress(b"".join(frame_record(r) for r in records))
+    path = tmp_path / "x.tfrecord.gz"
+    cases = {
+        "cut short": compressed[: len(compressed) // 2],
+        "bad deflate data": compressed[:10] + b"\xff" * 20 + compressed[30:],
+        "bad trailer": compressed[:-8] + b"\x00" * 8,
+    }
+    for what, data in cases.items():
+        path.write_bytes(data)
+        items = list(read_tfrecords(path))  # no EOFError / zlib.error / BadGzipFile escapes
+        assert isinstance(items[-1], TFRecordCorruption) and items[-1].fatal, what
+        assert all(isinstance(i, bytes) for i in items[:-1]), what
+        with pytest.raises(TFRecordCorruptionError):
+            list(read_tfrecords(path, strict=True))
+
+
+def test_decode_example_bounds_the_values_it_builds() -> None:
+    ints = encode_example({"i": np.arange(1000, dtype=np.int64)})
+    floats = encode_example({"f": np.zeros(1000, dtype=np.float32)})
+    assert len(decode_example(ints, max_values=1001)["i"]) == 1000
+    for message in (ints, floats, encode_example({"b": [b"x"] * 1000})):
+        with pytest.raises(ValueError, match="more than max_values=500 values"):
+            decode_example(message, max_values=500)
+    many_entries = encode_example({f"k{i}": [i] for i in range(50)})
+    with pytest.raises(ValueError, match="max_values=40"):
+        decode_example(many_entries, max_values=40)
+    assert len(decode_example(many_entries, max_values=100)) == 50

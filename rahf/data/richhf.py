@@ -21,6 +21,14 @@ are put back in TFRecord order before `save_to_disk`.
 `DIR/conversion_report.json` = `{"read": n, "converted": n, "skipped": [{"split", "file", "index", "uid", "reason"}],
 ...}`: every record that was not converted is listed with its reason, so `read == converted + len(skipped)`.
 
+Nothing in a record stops the run or decides an allocation on its own: a declared record length above
+`max_record_bytes` (default 1 GiB) or a damaged gzip stream is a fatal corruption of that file (its remaining records
+are lost, the other files are read); a record of more than `tfrecord.DEFAULT_MAX_VALUES` values, a non-finite score,
+a prompt with no words and an image or map whose header declares more pixels than `rahf.image_io`'s cap
+(`RAHF_MAX_IMAGE_PIXELS`) are skipped records (maps and images are decoded through `rahf.image_io.open_image`). In an
+images folder, a link that resolves outside the folder is refused, and so is a file larger than an image under the
+pixel cap can need; `prompts.jsonl` is read by `rahf.data.jsonl`, so a bad line is a logged warning.
+
 Examples:
     >>> from rahf.data.richhf import convert_richhf
     >>> report = convert_richhf(["richhf/train.tfrecord"], "pickapic_v1/data", "data/richhf18k")
@@ -46,8 +54,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..keywords import split_prompt_words
-from .schema import FEATURES, SPLITS, encoded_image, prepare_output_dir, save_rich_feedback, scratch_dir, write_splits
-from .tfrecord import TFRecordCorruption, TFRecordCorruptionError, decode_example, read_tfrecord_at, scan_tfrecords
+from .jsonl import JSONLineError, read_jsonl
+from .schema import (
+    FEATURES,
+    SPLITS,
+    encoded_image,
+    max_encoded_image_bytes,
+    prepare_output_dir,
+    save_rich_feedback,
+    scratch_dir,
+    write_splits,
+)
+from .tfrecord import (
+    DEFAULT_MAX_RECORD_BYTES,
+    TFRecordCorruption,
+    TFRecordCorruptionError,
+    decode_example,
+    read_tfrecord_at,
+    scan_tfrecords,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,39 +161,63 @@ class _Record:
     reason: str | None = None
 
 
-def _scan(paths: Sequence[Path]) -> tuple[list[_Record], dict[str, dict[str, float]]]:
+def _scan_item(item: bytes | TFRecordCorruption, record: _Record) -> None:
+    """Fills `record.uid` and `record.scores` from one item of `scan_tfrecords`, or `record.reason` with the skip
+    reason. Never raises on the item's content."""
+    if isinstance(item, TFRecordCorruption):
+        record.reason = item.reason + ("; the rest of the file is unreadable" if item.fatal else "")
+        return
+    try:
+        example = decode_example(item)
+    except ValueError as err:
+        record.reason = f"malformed tf.train.Example: {err}"
+        return
+    record.uid, record.reason = _uid_of(example)
+    if record.reason:
+        return
+    problems = []
+    for feature, name in SCORE_FEATURES.items():
+        values = example.get(feature)
+        if not values or len(values) != 1 or not isinstance(values[0], float):
+            problems.append(f"missing feature: {feature} must hold one float, got {_short(values)}")
+        elif math.isnan(values[0]):
+            problems.append(f"bad score: {feature} is NaN")
+        elif math.isinf(values[0]):
+            # Kept out of the min/max: one infinite score would make the scale undetectable for the whole run.
+            problems.append(f"bad score: {feature} is {values[0]}")
+        else:
+            record.scores[name] = values[0]
+    if problems:
+        record.reason = "; ".join(problems)
+
+
+def _short(value: Any) -> str:
+    """A feature's value (or one of its items) quoted in a reason, cut before it is formatted: a damaged record may
+    hold millions of values, or a value of a gigabyte."""
+    if isinstance(value, list):
+        items = ", ".join(_short(item) for item in value[:4])
+        return f"[{items}, ... ({len(value):,} values)]" if len(value) > 4 else f"[{items}]"
+    if isinstance(value, (bytes, str)) and len(value) > 80:
+        return f"{value[:80]!r}... ({len(value):,} long)"
+    return repr(value)
+
+
+def _scan(
+    paths: Sequence[Path], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> tuple[list[_Record], dict[str, dict[str, float]]]:
     """First pass: framing, protobuf, file name and scores of every record; min/max of each score."""
     records: list[_Record] = []
     lo = {name: math.inf for name in SCORE_FEATURES.values()}
     hi = {name: -math.inf for name in SCORE_FEATURES.values()}
     for path in paths:
         split = split_from_filename(path)
-        progress = tqdm(scan_tfrecords(path), desc=f"scanning {path.name}", unit=" records", leave=False)
+        items = scan_tfrecords(path, max_record_bytes=max_record_bytes)
+        progress = tqdm(items, desc=f"scanning {path.name}", unit=" records", leave=False)
         for index, (offset, item) in enumerate(progress):
             record = _Record(order=len(records), split=split, file=path.name, index=index, offset=offset)
             records.append(record)
-            if isinstance(item, TFRecordCorruption):
-                record.reason = item.reason + ("; the rest of the file is unreadable" if item.fatal else "")
-                continue
-            try:
-                example = decode_example(item)
-            except ValueError as err:
-                record.reason = f"malformed tf.train.Example: {err}"
-                continue
-            record.uid, record.reason = _uid_of(example)
+            _scan_item(item, record)
             if record.reason:
-                continue
-            problems = []
-            for feature, name in SCORE_FEATURES.items():
-                values = example.get(feature)
-                if not values or len(values) != 1 or not isinstance(values[0], float):
-                    problems.append(f"missing feature: {feature} must hold one float, got {values!r}")
-                elif math.isnan(values[0]):
-                    problems.append(f"bad score: {feature} is NaN")
-                else:
-                    record.scores[name] = values[0]
-            if problems:
-                record.reason = "; ".join(problems)
                 continue
             for name, value in record.scores.items():
                 lo[name] = min(lo[name], value)
@@ -179,14 +228,14 @@ def _scan(paths: Sequence[Path]) -> tuple[list[_Record], dict[str, dict[str, flo
 def _uid_of(example: dict[str, list]) -> tuple[str | None, str | None]:
     values = example.get("filename")
     if not values or len(values) != 1 or not isinstance(values[0], bytes):
-        return None, f"missing feature: filename must hold one bytes value, got {values!r}"
+        return None, f"missing feature: filename must hold one bytes value, got {_short(values)}"
     try:
         filename = values[0].decode("utf-8")
     except UnicodeDecodeError:
-        return None, f"unsafe file name: {values[0]!r} is not valid UTF-8"
+        return None, f"unsafe file name: {_short(values[0])} is not valid UTF-8"
     uid, why = uid_from_filename(filename)
     if why:
-        return None, f"unsafe file name: {filename!r} {why}"
+        return None, f"unsafe file name: {_short(filename)} {why}"
     return uid, None
 
 
@@ -228,25 +277,38 @@ class _FolderSource:
 
     def __init__(self, root: Path, needed: set[str]) -> None:
         self.paths: dict[str, Path] = {}
+        self.refused: dict[str, str] = {}  # uid -> why its image file cannot be used
+        real_root = root.resolve()
         for path in sorted(root.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.stem in needed:
-                if path.stem in self.paths:
-                    logger.warning("several images for uid %s in %s; using %s", path.stem, root, self.paths[path.stem])
+            if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem not in needed:
+                continue
+            try:
+                real = path.resolve()
+                if not real.is_relative_to(real_root):
+                    # A link out of the folder would make the data set carry any file of the machine.
+                    self.refused[path.stem] = f"unsafe image: {path.name!r} resolves outside the --pickapic folder"
                     continue
-                self.paths[path.stem] = path
+                if not real.is_file():
+                    continue
+            except (OSError, RuntimeError) as err:  # a symlink loop, a name too long: that image only
+                self.refused[path.stem] = f"unusable image: {path.name!r}: {type(err).__name__}: {err}"
+                continue
+            if path.stem in self.paths:
+                logger.warning("several images for uid %s in %s; using %s", path.stem, root, self.paths[path.stem])
+                continue
+            self.paths[path.stem] = real
+            self.refused.pop(path.stem, None)
         self.prompts: dict[str, str] = {}
-        with open(root / "prompts.jsonl", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    uid, prompt = row["uid"], row["prompt"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    logger.warning('%s line %d: not a {"uid", "prompt"} JSON object (%s)', f.name, line_no, err)
-                    continue
-                if isinstance(uid, str) and isinstance(prompt, str) and uid in needed:
-                    self.prompts.setdefault(uid, prompt)
+        for line_no, row in read_jsonl(root / "prompts.jsonl"):
+            if isinstance(row, JSONLineError) or not isinstance(row, dict) or "uid" not in row or "prompt" not in row:
+                why = row.message if isinstance(row, JSONLineError) else "no 'uid' and 'prompt' keys"
+                logger.warning(
+                    '%s line %d: not a {"uid", "prompt"} JSON object (%s)', root / "prompts.jsonl", line_no, why
+                )
+                continue
+            uid, prompt = row["uid"], row["prompt"]
+            if isinstance(uid, str) and isinstance(prompt, str) and uid in needed:
+                self.prompts.setdefault(uid, prompt)
 
     def prompt(self, uid: str) -> str | None:
         return self.prompts.get(uid)
@@ -254,14 +316,31 @@ class _FolderSource:
     def has_image(self, uid: str) -> bool:
         return uid in self.paths
 
-    def fetch(self, records: list[_Record]) -> Iterator[tuple[_Record, bytes | None]]:
+    def missing_image(self, uid: str) -> str:
+        """Why `uid` has no image (when `has_image` is False)."""
+        return self.refused.get(uid) or f"missing image: uid {uid!r} not found in the Pick-a-Pic {self.kind}"
+
+    def fetch(self, records: list[_Record]) -> Iterator[tuple[_Record, bytes | str]]:
+        """Yields each record with its image's bytes, or why they cannot be read."""
+        limit = max_encoded_image_bytes()
         for record in records:
             assert record.uid is not None
+            path = self.paths[record.uid]
             try:
-                data: bytes | None = self.paths[record.uid].read_bytes()
+                with open(path, "rb") as f:
+                    data = f.read(limit + 1)  # a bound, as a file's size is no promise
             except OSError as err:
-                logger.warning("cannot read %s: %s", self.paths[record.uid], err)
-                data = None
+                yield record, f"missing image: cannot read {str(path)!r}: {err}"
+                continue
+            if len(data) > limit:
+                yield (
+                    record,
+                    (
+                        f"undecodable image: {str(path)!r} is larger than the {limit:,} bytes an image under the pixel "
+                        "cap can need (RAHF_MAX_IMAGE_PIXELS)"
+                    ),
+                )
+                continue
             yield record, data
 
 
@@ -300,7 +379,11 @@ class _ParquetSource:
     def has_image(self, uid: str) -> bool:
         return uid in self.index
 
-    def fetch(self, records: list[_Record]) -> Iterator[tuple[_Record, bytes | None]]:
+    def missing_image(self, uid: str) -> str:
+        """Why `uid` has no image (when `has_image` is False)."""
+        return f"missing image: uid {uid!r} not found in the Pick-a-Pic {self.kind}"
+
+    def fetch(self, records: list[_Record]) -> Iterator[tuple[_Record, bytes | str]]:
         """Yields the records grouped by row group, so each row group's image columns are read once."""
         import pyarrow.parquet as pq
 
@@ -318,7 +401,10 @@ class _ParquetSource:
                 value = table.column(f"jpg_{column}")[row].as_py()
                 if isinstance(value, dict):  # a datasets.Image column: {"bytes", "path"}
                     value = value.get("bytes")
-                yield record, value if isinstance(value, (bytes, bytearray)) else None
+                if isinstance(value, (bytes, bytearray)):
+                    yield record, bytes(value)
+                else:
+                    yield record, f"missing image: no image bytes for uid {record.uid!r} in the Pick-a-Pic source"
             del table
 
 
@@ -364,6 +450,12 @@ def _build_example(record: _Record, data: bytes, prompt: str, image: bytes, scal
             problems.append(f"score out of range: {name} = {value:g} is outside the {scale} scale")
         scores[name] = mapped
     words = split_prompt_words(prompt)
+    if not words:
+        problems.append(f"empty prompt: the Pick-a-Pic prompt {prompt[:80]!r} has no words")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        problems.append(f"bad prompt: {prompt[:80]!r} is not valid Unicode (a lone surrogate): it cannot be stored")
     raw_labels = example.get(LABEL_FEATURE)
     labels: list[int] = []
     if not raw_labels or len(raw_labels) != 1 or not isinstance(raw_labels[0], bytes):
@@ -380,7 +472,7 @@ def _build_example(record: _Record, data: bytes, prompt: str, image: bytes, scal
     for feature, column in MAP_FEATURES.items():
         values = example.get(feature)
         if not values or len(values) != 1 or not isinstance(values[0], bytes):
-            problems.append(f"missing feature: {feature} must hold one encoded image, got {type(values).__name__}")
+            problems.append(f"missing feature: {feature} must hold one encoded image, got {_short(values)}")
             continue
         try:
             maps[column] = encoded_image(values[0], "L")
@@ -417,6 +509,7 @@ def convert_richhf(
     *,
     score_scale: str = "auto",
     overwrite: bool = False,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> dict[str, Any]:
     """Converts official RichHF-18K TFRecords + Pick-a-Pic into the canonical `DatasetDict` saved at `out_dir`.
 
@@ -427,6 +520,8 @@ def convert_richhf(
         score_scale (`str`, *optional*, defaults to `"auto"`): `"auto"` detects [0, 1] or 1-5 from the values;
             `"unit"` or `"likert"` forces one.
         overwrite (`bool`, *optional*, defaults to `False`): replace a data set already saved at `out_dir`.
+        max_record_bytes (`int`, *optional*, defaults to 1 GiB): a record declaring a larger length is a fatal
+            corruption of its file.
 
     Returns:
         The report written to `out_dir/conversion_report.json`.
@@ -442,6 +537,8 @@ def convert_richhf(
         split_from_filename(path)  # fail on a bad name before reading anything
     if score_scale not in SCORE_SCALES:
         raise ValueError(f"`score_scale` must be one of {SCORE_SCALES}, got {score_scale!r}")
+    if isinstance(max_record_bytes, bool) or not isinstance(max_record_bytes, int) or max_record_bytes < 0:
+        raise ValueError(f"`max_record_bytes` must be a non-negative byte count, got {max_record_bytes!r}")
     gzipped = [p.name for p in paths if _is_gzip(p)]
     if gzipped:
         logger.warning(
@@ -451,7 +548,7 @@ def convert_richhf(
     _find_source(src)
     out = prepare_output_dir(out_dir, overwrite=overwrite)  # a busy output folder fails before the long part
 
-    records, ranges = _scan(paths)
+    records, ranges = _scan(paths, max_record_bytes)
     scale = _detect_scale(ranges, score_scale)
     logger.info("read %d TFRecord records from %d file(s); score scale: %s", len(records), len(paths), scale)
 
@@ -462,7 +559,7 @@ def convert_richhf(
             continue
         assert record.uid is not None
         if not source.has_image(record.uid):
-            record.reason = f"missing image: uid {record.uid!r} not found in the Pick-a-Pic {source.kind}"
+            record.reason = source.missing_image(record.uid)
         elif source.prompt(record.uid) is None:
             record.reason = f"missing prompt: uid {record.uid!r} has no prompt in the Pick-a-Pic {source.kind}"
     todo = [r for r in records if r.reason is None]
@@ -471,11 +568,11 @@ def convert_richhf(
     def examples() -> Iterator[tuple[str, dict[str, Any]]]:
         for record, image in tqdm(source.fetch(todo), total=len(todo), desc="converting", unit=" records"):
             assert record.uid is not None
-            if image is None:
-                record.reason = f"missing image: no image bytes for uid {record.uid!r} in the Pick-a-Pic source"
+            if isinstance(image, str):
+                record.reason = image
                 continue
             try:
-                data = read_tfrecord_at(path_of[record.file], record.offset)
+                data = read_tfrecord_at(path_of[record.file], record.offset, max_record_bytes=max_record_bytes)
                 prompt = source.prompt(record.uid)
                 assert prompt is not None
                 yield record.split, _build_example(record, data, prompt, image, scale)

@@ -24,9 +24,9 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, List, Value
 from datasets.arrow_writer import ArrowWriter
-from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
+from ..image_io import max_image_pixels, open_image
 from ..keywords import split_prompt_words
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ __all__ = [
     "HEATMAP_COLUMNS",
     "HEATMAP_NAMES",
     "encoded_image",
+    "max_encoded_image_bytes",
     "SCORE_NAMES",
     "SPLITS",
     "load_rich_feedback",
@@ -96,6 +97,12 @@ def validate_example(example: Mapping[str, Any], index: int, split: str) -> None
             raise ValueError(f"{where}: column {column!r} must be a string, got {example[column]!r}")
     if not uid:
         raise ValueError(f"{where}: column 'uid' must be a non-empty string")
+    if not split_prompt_words(example["prompt"]):
+        # A prompt with no word gives the keyword head nothing to label: training would fail later, far from here.
+        raise ValueError(
+            f"{where}: column 'prompt' must hold at least one word (as split_prompt_words splits it), got "
+            f"{example['prompt'][:80]!r}; drop the record or give it its prompt"
+        )
     for column in _IMAGE_COLUMNS:
         value = example[column]
         if not _check_image_value(value):
@@ -277,16 +284,30 @@ def scratch_dir(out_dir: str | Path) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=".rahf-tmp-", dir=parent)
 
 
-def encoded_image(data: bytes, mode: str) -> dict[str, Any]:
+def max_encoded_image_bytes(max_pixels: int | None = None) -> int:
+    """The largest image file worth reading for an image of at most `max_pixels` pixels (default
+    `max_image_pixels()`): 8 bytes a pixel (16-bit RGBA stored raw, the worst case of PNG) plus 16 MiB of metadata.
+    A larger file is refused unread: whatever its header says, its size alone would be the allocation."""
+    return 9 * max_image_pixels(max_pixels) + (16 << 20)
+
+
+def _kept_format(data: bytes) -> bool:
+    """True for PNG, JPEG or WebP bytes: the formats stored as they are."""
+    return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def encoded_image(data: bytes, mode: str, *, max_pixels: int | None = None) -> dict[str, Any]:
     """The value to store for an encoded image in a `datasets.Image` column of the given `mode`.
 
-    Decodes `data` fully (so a broken file raises `OSError`/`ValueError` here, not in training) and keeps the original
-    bytes when they already are a PNG, JPEG or WebP of `mode`; otherwise re-encodes as PNG in `mode`.
+    Decodes `data` fully through `rahf.image_io.open_image` (so a broken file raises `ValueError` here, not in
+    training, and one whose header declares more than `max_pixels` pixels, default `max_image_pixels()`, raises
+    `ImageTooLargeError` before any pixel is decoded) and keeps the original bytes when they already are a PNG, JPEG
+    or WebP of `mode`; otherwise re-encodes as PNG in `mode`.
     """
-    with PILImage.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.mode == mode and img.format in ("PNG", "JPEG", "WEBP"):
-            return {"bytes": bytes(data), "path": None}
-        out = io.BytesIO()
-        img.convert(mode).save(out, format="PNG")
-        return {"bytes": out.getvalue(), "path": None}
+    data = bytes(data)
+    img = open_image(data, max_pixels=max_pixels)
+    if img.mode == mode and _kept_format(data):
+        return {"bytes": data, "path": None}
+    out = io.BytesIO()
+    img.convert(mode).save(out, format="PNG")
+    return {"bytes": out.getvalue(), "path": None}
