@@ -476,7 +476,7 @@ def _substitute(rng: random.Random, record: dict[str, Any]) -> str:
 def _reason_class(reason: str) -> str:
     """A corruption's reason without its numbers, to count outcomes by kind."""
     for prefix, name in (
-        ("declared record length", "over max_record_bytes"),
+        ("record too large", "over max_record_bytes"),
         ("truncated", "truncated"),
         ("damaged gzip", "damaged gzip"),
     ):

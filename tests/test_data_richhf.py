@@ -314,9 +314,9 @@ def test_hostile_records_and_files_are_skipped_records_never_a_crash(tmp_path: P
     assert report["score_scale"]["scale"] == "likert"  # the infinite score did not poison the detection
     skipped = {(s["split"], s["index"]): s["reason"] for s in report["skipped"]}
     assert skipped[("train", 2)] == (
-        "declared record length 68,719,476,736 bytes is more than the maximum record size of 1,073,741,824 bytes "
-        "(max_record_bytes): a damaged length field, or raise max_record_bytes if the record is genuine; the rest "
-        "of the file is unreadable"
+        "record too large: its declared length of 68,719,476,736 bytes is more than the maximum record size of "
+        "1,073,741,824 bytes (max_record_bytes); a damaged length field, or raise max_record_bytes if the record is "
+        "genuine; the rest of the file is unreadable"
     )
     assert skipped[("test", 0)].startswith("undecodable map: artifact_map: ImageTooLargeError")
     assert "10000 x 10000 = 100,000,000 pixels" in skipped[("test", 0)]

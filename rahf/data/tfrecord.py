@@ -342,8 +342,9 @@ def _read_record_unchecked(
         return TFRecordCorruption(name, index, offset, reason, True), span
     if length > max_record_bytes:
         reason = (
-            f"declared record length {length:,} bytes is more than the maximum record size of {max_record_bytes:,} "
-            "bytes (max_record_bytes): a damaged length field, or raise max_record_bytes if the record is genuine"
+            f"record too large: its declared length of {length:,} bytes is more than the maximum record size of "
+            f"{max_record_bytes:,} bytes (max_record_bytes); a damaged length field, or raise max_record_bytes if the "
+            "record is genuine"
         )
         return TFRecordCorruption(name, index, offset, reason, True), span
     data = _read_up_to(stream, length, chunked=size is None)
