@@ -67,8 +67,9 @@ from transformers import (
 )
 
 from .configuration_rahf import DEFAULT_HEATMAP_NAMES, DEFAULT_SCORE_NAMES, KEYWORDS_TASK
-from .modeling_rahf import RAHFHeatmapHead, RAHFOutput
+from .modeling_rahf import RAHFHeatmapHead, RAHFOutput, SafetensorsOnlyMixin, check_safetensors_folder
 from .predictor import RichFeedback, as_image_prompt_lists, fill_feedback
+from .pretrained_paths import resolve_pretrained_path
 from .processing_rahf import ImageInput, load_image, load_processor_config, save_processor_config
 
 logger = logging.getLogger(__name__)
@@ -169,8 +170,9 @@ class BaselineProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike) -> BaselineProcessor:
+        folder = resolve_pretrained_path(pretrained_path, "pretrained_path", allow_hub=False)
         path, kwargs = load_processor_config(
-            pretrained_path, "the baseline's processor with `processor.save_pretrained(dir)`", PROCESSOR_CONFIG_NAME
+            folder, "the baseline's processor with `processor.save_pretrained(dir)`", PROCESSOR_CONFIG_NAME
         )
         has_tokenizer = kwargs.pop("has_tokenizer", False)
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
@@ -443,7 +445,7 @@ class RAHFResNetConfig(PreTrainedConfig):
         return 4 * first * 2 ** (stages - 1)
 
 
-class RAHFResNetPreTrainedModel(PreTrainedModel):
+class RAHFResNetPreTrainedModel(SafetensorsOnlyMixin, PreTrainedModel):
     config_class = RAHFResNetConfig
     base_model_prefix = "rahf_resnet"
     main_input_name = "pixel_values"
@@ -650,7 +652,7 @@ class RAHFCLIPConfig(PreTrainedConfig):
             raise ValueError(f"`heatmap_size` must be positive, got {self.heatmap_size}")
 
 
-class RAHFCLIPPreTrainedModel(PreTrainedModel):
+class RAHFCLIPPreTrainedModel(SafetensorsOnlyMixin, PreTrainedModel):
     config_class = RAHFCLIPConfig
     base_model_prefix = "rahf_clip"
     main_input_name = "pixel_values"
@@ -934,6 +936,18 @@ def _resize_map(heat: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(heat.astype(np.float32, copy=False), (width, height), interpolation=interpolation)
 
 
+def _saved_model_type(folder: Path) -> str | None:
+    """config.json's `model_type` in a saved folder (None when it has none); unreadable JSON is a ValueError."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{str(folder)!r} has no config.json; pass a folder written by `save_pretrained`")
+    try:
+        data = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err}); save the model again") from None
+    return data.get("model_type") if isinstance(data, dict) else None
+
+
 class BaselineRater:
     r"""
     Rates images with a trainable baseline ([`RAHFResNetModel`], [`RAHFCLIPModel`]) and its [`BaselineProcessor`]:
@@ -964,10 +978,17 @@ class BaselineRater:
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, **kwargs) -> BaselineRater:
-        model = AutoModel.from_pretrained(pretrained_path)
-        if not isinstance(model, tuple(m for _, m in _TRAINABLE_CLASSES.values())):
-            raise ValueError(f"{str(pretrained_path)!r} holds a {type(model).__name__}, not a trainable baseline")
-        return cls(model, BaselineProcessor.from_pretrained(pretrained_path), **kwargs)
+        """Loads a trainable baseline (safetensors only, never unpickled) and its processor from a local folder."""
+        folder = resolve_pretrained_path(pretrained_path, "pretrained_path", allow_hub=False)
+        check_safetensors_folder(folder)
+        model_type = _saved_model_type(Path(folder))
+        classes = {config_cls.model_type: model_cls for config_cls, model_cls in _TRAINABLE_CLASSES.values()}
+        if model_type not in classes:
+            raise ValueError(
+                f"{str(pretrained_path)!r} holds a {model_type!r} model, not a trainable baseline ({sorted(classes)})"
+            )
+        model = classes[model_type].from_pretrained(folder)
+        return cls(model, BaselineProcessor.from_pretrained(folder), **kwargs)
 
     @property
     def capabilities(self) -> dict:

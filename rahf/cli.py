@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("rahf")
 
@@ -27,18 +28,43 @@ def init_model(config_path: str, out: str, seed: int = 0) -> Path:
     from .modeling_rahf import RAHFModel
     from .processing_rahf import RAHFProcessor
 
-    config = RAHFConfig.from_json_file(config_path)
+    config = _read_model_preset(config_path, RAHFConfig)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"`--out` {out!r} is a file; pass a folder to write the model into")
     torch.manual_seed(seed)
     if config.vision_model_name_or_path or config.text_model_name_or_path:
         model = RAHFModel.from_pretrained_towers(config)
     else:
         model = RAHFModel(config)
     processor = RAHFProcessor.from_config(model.config)
-    out_dir = Path(out)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     logger.info("wrote an untrained %s RAHF model to %s", config.variant, out_dir)
     return out_dir
+
+
+def _read_model_preset(config_path: str, config_class: type) -> Any:
+    """The RAHF config of a JSON preset; a missing, unreadable or invalid one is a ValueError naming the file."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise ValueError(f"`--config` {config_path!r} is not a file; pass a configs/model/*.json preset")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"`--config` {config_path!r} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"`--config` {config_path!r} must hold a JSON object, got a {type(data).__name__}")
+    found = data.get("model_type", config_class.model_type)
+    if found != config_class.model_type:
+        raise ValueError(
+            f"`--config` {config_path!r} is a {found!r} preset; rahf init-model builds {config_class.model_type!r} "
+            "models (baselines are built by `rahf train --model_type ...`)"
+        )
+    try:
+        return config_class.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: {err}") from None
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:
@@ -51,23 +77,52 @@ def _cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def predict_to_folder(
-    model: str, images: list[str], prompts: list[str], out: str, device: str | None = None, batch_size: int = 8
+    model: str,
+    images: list[str],
+    prompts: list[str],
+    out: str,
+    device: str | None = None,
+    batch_size: int = 8,
+    max_image_pixels: int | None = None,
 ) -> list[dict]:
-    """Runs the predictor and writes, per image, `feedback.json`, the two heatmap PNGs and `overlay.png`."""
-    from .predictor import RichFeedbackPredictor
-    from .processing_rahf import load_image
+    """Runs the predictor and writes, per image, `feedback.json`, the two heatmap PNGs and `overlay.png`.
+
+    Every argument is checked before the model loads; images above `max_image_pixels` pixels (default: 40 MP, or
+    `RAHF_MAX_IMAGE_PIXELS`) are refused from their header, before they are decoded.
+    """
+    from .image_io import ImageTooLargeError
+    from .image_io import max_image_pixels as resolve_max_image_pixels
+    from .predictor import RichFeedbackPredictor, check_batch_size
+    from .pretrained_paths import resolve_pretrained_path
+    from .processing_rahf import check_prompts, load_image
     from .viz import heatmap_to_image, overlay_heatmaps
 
+    check_batch_size(batch_size, "--batch_size")
+    cap = resolve_max_image_pixels(max_image_pixels)
+    folder = resolve_pretrained_path(model, "--model", what="a saved model folder", allow_hub=False)
+    if not images:
+        raise ValueError("no --image given: pass at least one image file")
     if len(prompts) not in (1, len(images)):
         raise ValueError(
             f"got {len(images)} images and {len(prompts)} --prompt values: give one prompt for all images, or one "
             "per image"
         )
+    try:
+        check_prompts(prompts)
+    except ValueError as err:
+        raise ValueError(f"--prompt: {err}") from None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"`--out` {out!r} is a file; pass a folder (each image gets OUT/<stem>/)")
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise ValueError(f"--image names must have distinct stems (each gets a folder OUT/<stem>/), got {stems}")
-    loaded = [load_image(p) for p in images]  # fails early, naming the file that is not an image
-    predictor = RichFeedbackPredictor.from_pretrained(model, device=device, batch_size=batch_size)
+    try:
+        loaded = [load_image(p, max_pixels=cap) for p in images]  # fails early, naming the file that is not an image
+    except ImageTooLargeError as err:
+        raise ImageTooLargeError(f"{err} (here: --max_image_pixels N)") from None
+    predictor = RichFeedbackPredictor.from_pretrained(
+        folder, device=device, batch_size=batch_size, max_image_pixels=cap
+    )
     feedbacks = predictor(loaded, prompts, show_progress=len(images) > batch_size)
     summaries = []
     for stem, image, feedback in zip(stems, loaded, feedbacks):
@@ -84,7 +139,9 @@ def predict_to_folder(
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    summaries = predict_to_folder(args.model, args.image, args.prompt, args.out, args.device, args.batch_size)
+    summaries = predict_to_folder(
+        args.model, args.image, args.prompt, args.out, args.device, args.batch_size, args.max_image_pixels
+    )
     for image, summary in zip(args.image, summaries):
         scores = " ".join(f"{k}={v:.3f}" for k, v in summary["scores"].items())
         print(f"{image}: {scores} misaligned={summary['misaligned_words']}")
@@ -132,6 +189,17 @@ def _delegate(command: str, argv: list[str], verbose: bool) -> int:
     return int(code or 0)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its message and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}; pass a positive one")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rahf", description="Rich Automatic Human Feedback for text-to-image generation"
@@ -153,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder: one OUT/<image stem>/ per image")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument(
+        "--max_image_pixels",
+        type=_positive_int,
+        default=None,
+        help="refuse images of more pixels than this, checked before decoding (default: 40000000, or "
+        "RAHF_MAX_IMAGE_PIXELS)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     for name, (_, help_text) in DELEGATED.items():

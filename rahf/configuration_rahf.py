@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig, T5Config
 from transformers.configuration_utils import SubConfigSpec
 
@@ -24,6 +29,211 @@ DEFAULT_TASK_STRINGS = {
 }
 
 
+DEFAULT_IMAGE_MEAN = [0.5, 0.5, 0.5]
+DEFAULT_IMAGE_STD = [0.5, 0.5, 0.5]
+# The shortest useful token limit: one prompt token and T5's closing `</s>`.
+MIN_TEXT_LENGTH = 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Field checks, shared with the processor's config: each error names the field, the value received and the fix.
+
+
+def _got(value: Any) -> str:
+    kind = type(value).__name__
+    return f"{value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def _written_as_number(value: Any, kind: type) -> Any:
+    """The number a quoted JSON value such as "32" spells, or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        number = kind(value.strip())
+    except ValueError:
+        return None
+    return number if kind is int or math.isfinite(number) else None
+
+
+def check_int(field: str, value: Any, minimum: int = 1, example: int = 1, where: str = "config.json") -> int:
+    """`value` as an int >= `minimum`, else a ValueError naming `field` and saying what to write in `where` (bools
+    and floats are refused)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    spelled = _written_as_number(value, int)
+    if spelled is not None and spelled >= minimum:
+        fix = f"write {spelled} in {where}"
+    elif isinstance(value, float) and value.is_integer() and value >= minimum:
+        fix = f"write {int(value)} in {where}"
+    else:
+        fix = f"write a whole number such as {example} in {where}"
+    raise ValueError(f"`{field}` must be {what}, got {_got(value)}; {fix}")
+
+
+def check_real(
+    field: str, value: Any, minimum: float | None = None, example: float = 1.0, none_means: str | None = None
+) -> float:
+    """`value` as a finite float (>= `minimum` when given), else a ValueError naming `field`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (minimum is None or value >= minimum):
+        return float(value)
+    what = "a finite number" + (f" >= {minimum:g}" if minimum is not None else "")
+    if none_means:
+        what = f"None ({none_means}) or {what}"
+    spelled = _written_as_number(value, float)
+    fix = f"write {spelled:g} in config.json" if spelled is not None and (minimum is None or spelled >= minimum) else (
+        f"write a number such as {example:g} in config.json"
+    )
+    raise ValueError(f"`{field}` must be {what}, got {_got(value)}; {fix}")
+
+
+def check_image_statistics(
+    field: str, value: Any, default: Sequence[float] | None = None, positive: bool = False
+) -> list[float]:
+    """Per-channel image statistics: three finite numbers (positive ones for a standard deviation); None gives
+    `default` when there is one."""
+    if value is None and default is not None:
+        return list(default)
+    example = "[0.5, 0.5, 0.5]"
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(
+            f"`{field}` must be a list of 3 numbers (one per RGB channel), got {_got(value)}; write e.g. {example}"
+        )
+    for channel, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(
+                f"`{field}` must hold 3 finite numbers, got {list(value)!r} (channel {channel} is {_got(x)}); "
+                f"write e.g. {example}"
+            )
+        if positive and x <= 0:
+            raise ValueError(
+                f"`{field}` must hold 3 numbers > 0 (images are divided by it), got {list(value)!r}; write e.g. "
+                f"{example}"
+            )
+    return [float(x) for x in value]
+
+
+def _check_choice(field: str, value: Any, choices: Sequence[str]) -> str:
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f"`{field}` must be one of {list(choices)}, got {_got(value)}; write one of them in config.json")
+
+
+def _check_heatmap_size(value: Any) -> int:
+    # Heatmaps are square: a pair is accepted when its sides agree, and stored as one side.
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        sides = [check_int("heatmap_size", side, example=384) for side in value]
+        if sides[0] != sides[1]:
+            raise ValueError(
+                f"`heatmap_size` must be one side (heatmaps are square), got {list(value)!r}; write e.g. {sides[0]}"
+            )
+        return sides[0]
+    return check_int("heatmap_size", value, example=384)
+
+
+def _check_names(field: str, value: Any, default: Sequence[str]) -> list[str]:
+    if value is None:
+        return list(default)
+    example = json.dumps(list(default))
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(
+            f"`{field}` must be a non-empty list of names, got {_got(value)}; write e.g. {example}, or leave it out "
+            "for that default"
+        )
+    bad = [x for x in value if not isinstance(x, str) or not x.strip() or x != x.strip()]
+    if bad:
+        raise ValueError(
+            f"`{field}` must hold non-empty names without surrounding spaces, got {list(value)!r} (bad: {bad!r}); "
+            f"write e.g. {example}"
+        )
+    return list(value)
+
+
+def _check_task_strings(value: Any, task_names: Sequence[str]) -> dict[str, str]:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f"`task_strings` must be None or a mapping task -> text, got {_got(value)}; write e.g. "
+            f"{{\"{task_names[0]}\": \"{DEFAULT_TASK_STRINGS.get(task_names[0], task_names[0])}\"}}"
+        )
+    value = dict(value or {})
+    # Names of default tasks this config does not have are dropped silently (a config re-built with fewer scores
+    # keeps its old mapping); anything else is a misspelt task.
+    unknown = [k for k in value if k not in task_names and k not in DEFAULT_TASK_STRINGS]
+    if unknown:
+        raise ValueError(
+            f"`task_strings` has entries for {unknown}, which are not tasks of this model; its tasks are "
+            f"{list(task_names)}: rename or remove them"
+        )
+    bad = {k: v for k, v in value.items() if not isinstance(v, str) or not v.strip()}
+    if bad:
+        raise ValueError(f"`task_strings` values must be non-empty texts, got {bad!r}; write e.g. \"overall score\"")
+    task_strings = {**DEFAULT_TASK_STRINGS, **value}
+    missing = [t for t in task_names if t not in task_strings]
+    if missing:
+        raise ValueError(f"`task_strings` has no entry for the tasks {missing}; add e.g. {{'{missing[0]}': '...'}}")
+    return {t: task_strings[t] for t in task_names}
+
+
+def _build_sub_config(key: str, value: Any, spec: SubConfigSpec) -> PreTrainedConfig:
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f"`{key}` must be a mapping of {key.split('_')[0]}-tower settings (or a config object), got "
+            f"{_got(value)}; write e.g. {{\"model_type\": \"{spec.model_type}\", ...}} or leave it out for the default"
+        )
+    model_types = VISION_MODEL_TYPES if key == "vision_config" else (T5Config.model_type,)
+    model_type = (value or {}).get("model_type", spec.model_type)
+    if model_type not in model_types:
+        raise ValueError(
+            f"`{key}.model_type` must be one of {list(model_types)}, got {_got(model_type)}; write one of them"
+        )
+    try:
+        config, _ = spec.create_subconfig(key, value)
+    except (StrictDataclassError, TypeError, ValueError) as err:
+        # The tower's own config checks its field types; say which field in our terms.
+        match = re.search(r"field '([^']+)'", str(err))
+        if match and isinstance(value, dict) and match.group(1) in value:
+            name, bad = match.group(1), value[match.group(1)]
+            spelled = _written_as_number(bad, int)
+            fix = f"write {spelled}" if spelled is not None else "write it as the tower's config documents"
+            raise ValueError(f"`{key}.{name}` has the wrong type, got {_got(bad)}; {fix} in config.json") from None
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        raise ValueError(f"`{key}` is not a valid {model_type} config: {cause}; fix it in config.json") from None
+    return config
+
+
+def _check_vision_config(config: PreTrainedConfig) -> None:
+    def side(name: str) -> int:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        return check_int(f"vision_config.{name}", value, example=16 if name == "patch_size" else 384)
+
+    image_size, patch_size = side("image_size"), side("patch_size")
+    if patch_size > image_size:
+        raise ValueError(
+            f"`vision_config.patch_size` ({patch_size}) is larger than `vision_config.image_size` ({image_size}): "
+            "the tower would see no patch; lower patch_size or raise image_size"
+        )
+    check_int("vision_config.hidden_size", getattr(config, "hidden_size", None), example=768)
+    channels = getattr(config, "num_channels", 3)
+    if channels != 3:
+        raise ValueError(
+            f"`vision_config.num_channels` must be 3 (the processor gives RGB images), got {_got(channels)}; write 3"
+        )
+
+
+def _check_text_config(config: PreTrainedConfig) -> None:
+    if not isinstance(config, T5Config):
+        raise ValueError(f"`text_config` must be a T5 config (model_type \"t5\"), got a {type(config).__name__}")
+    for name, example in (("vocab_size", 32128), ("d_model", 768), ("num_layers", 12), ("num_heads", 12)):
+        check_int(f"text_config.{name}", getattr(config, name, None), example=example)
+    if config.num_decoder_layers is not None:
+        check_int("text_config.num_decoder_layers", config.num_decoder_layers, example=12)
+
+
 @strict(accept_kwargs=True)
 class RAHFConfig(PreTrainedConfig):
     r"""
@@ -39,7 +249,7 @@ class RAHFConfig(PreTrainedConfig):
             `"multi_head"`: one pass gives every heatmap and score. `"augmented_prompt"`: the prompt is prefixed with
             a task string and each pass gives one heatmap or one score.
         heatmap_size (`int`, *optional*, defaults to 384):
-            Side of the predicted (square) heatmaps, in pixels.
+            Side of the predicted (square) heatmaps, in pixels (a pair of equal sides is read as one side).
         score_names (`list[str]`, *optional*, defaults to `["plausibility", "alignment", "aesthetics", "overall"]`):
             Names of the predicted scores, in output order.
         heatmap_names (`list[str]`, *optional*, defaults to `["implausibility", "misalignment"]`):
@@ -133,39 +343,57 @@ class RAHFConfig(PreTrainedConfig):
     text_model_name_or_path: str | None = None
     is_encoder_decoder: bool = True
 
-    def __post_init__(self, **kwargs):
+    def __post_init__(self, **kwargs: Any) -> None:
+        # Sub-configs are built here, not by the base class, so that a bad one is an error naming its field.
+        for key, spec in self.sub_configs_defaults.items():
+            setattr(self, key, _build_sub_config(key, getattr(self, key), spec))
         super().__post_init__(**kwargs)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if self.vision_config.model_type not in VISION_MODEL_TYPES:
-            raise ValueError(
-                f"`vision_config.model_type` must be one of {list(VISION_MODEL_TYPES)}, "
-                f"got {self.vision_config.model_type!r}"
-            )
-        if self.heatmap_loss not in ("mse", "bce"):
-            raise ValueError(f"`heatmap_loss` must be 'mse' or 'bce', got {self.heatmap_loss!r}")
-        if self.decoder_attends_to not in ("all", "text"):
-            raise ValueError(f"`decoder_attends_to` must be 'all' or 'text', got {self.decoder_attends_to!r}")
-        if self.keyword_threshold is not None and not 0.0 < float(self.keyword_threshold) < 1.0:
-            raise ValueError(
-                f"`keyword_threshold` must be None (greedy decoding) or a probability in (0, 1), "
-                f"got {self.keyword_threshold!r}"
-            )
-        self.score_names = list(self.score_names or DEFAULT_SCORE_NAMES)
-        self.heatmap_names = list(self.heatmap_names or DEFAULT_HEATMAP_NAMES)
+        _check_vision_config(self.vision_config)
+        _check_text_config(self.text_config)
+        self.variant = _check_choice("variant", self.variant, VARIANTS)
+        self.heatmap_size = _check_heatmap_size(self.heatmap_size)
+        self.score_names = _check_names("score_names", self.score_names, DEFAULT_SCORE_NAMES)
+        self.heatmap_names = _check_names("heatmap_names", self.heatmap_names, DEFAULT_HEATMAP_NAMES)
         names = self.heatmap_names + self.score_names
         if len(set(names)) != len(names) or KEYWORDS_TASK in names:
             raise ValueError(
                 f"`heatmap_names` and `score_names` must be distinct and may not contain {KEYWORDS_TASK!r}, got {names}"
             )
-        task_strings = dict(DEFAULT_TASK_STRINGS)
-        task_strings.update(self.task_strings or {})
-        missing = [t for t in self.task_names if t not in task_strings]
-        if missing:
-            raise ValueError(f"`task_strings` has no entry for the tasks {missing}; add e.g. {{'{missing[0]}': '...'}}")
-        self.task_strings = {t: task_strings[t] for t in self.task_names}
-        self.image_mean = list(self.image_mean or [0.5, 0.5, 0.5])
-        self.image_std = list(self.image_std or [0.5, 0.5, 0.5])
+        self.task_strings = _check_task_strings(self.task_strings, self.task_names)
+        for name in ("heatmap_loss_weight", "score_loss_weight", "sequence_loss_weight"):
+            setattr(self, name, check_real(name, getattr(self, name), minimum=0.0, example=1.0))
+        self.heatmap_loss = _check_choice("heatmap_loss", self.heatmap_loss, ("mse", "bce"))
+        for name, minimum, example in (
+            ("heatmap_head_channels", 1, 256),
+            ("score_head_channels", 1, 256),
+            ("score_head_num_convs", 0, 6),
+            ("score_head_hidden_size", 1, 512),
+            ("max_text_length", MIN_TEXT_LENGTH, 128),
+            ("max_target_length", MIN_TEXT_LENGTH, 192),
+        ):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=minimum, example=example))
+        self.decoder_attends_to = _check_choice("decoder_attends_to", self.decoder_attends_to, ("all", "text"))
+        if self.keyword_threshold is not None:
+            threshold = check_real(
+                "keyword_threshold", self.keyword_threshold, example=0.5, none_means="greedy decoding"
+            )
+            if not 0.0 < threshold < 1.0:
+                raise ValueError(
+                    f"`keyword_threshold` must be None (greedy decoding) or a probability in (0, 1), "
+                    f"got {self.keyword_threshold!r}; write e.g. 0.5, or null for greedy decoding"
+                )
+            self.keyword_threshold = threshold
+        self.image_mean = check_image_statistics("image_mean", self.image_mean, default=DEFAULT_IMAGE_MEAN)
+        self.image_std = check_image_statistics("image_std", self.image_std, default=DEFAULT_IMAGE_STD, positive=True)
+        for name in ("vision_model_name_or_path", "text_model_name_or_path"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(
+                    f"`{name}` must be None or a hub id / folder (a non-empty str), got {_got(value)}; write a path "
+                    "such as \"google/vit-base-patch16-384\", or null for a randomly initialised tower"
+                )
+        if not isinstance(self.is_encoder_decoder, bool):
+            raise ValueError(f"`is_encoder_decoder` must be true or false, got {_got(self.is_encoder_decoder)}")
         # T5 starts decoding from the pad token; v5 configs built from a dict may not say so.
         if getattr(self.text_config, "pad_token_id", None) is None:
             self.text_config.pad_token_id = 0
@@ -173,13 +401,11 @@ class RAHFConfig(PreTrainedConfig):
             self.text_config.eos_token_id = 1
         if getattr(self.text_config, "decoder_start_token_id", None) is None:
             self.text_config.decoder_start_token_id = self.text_config.pad_token_id
-        if self.heatmap_size < 1:
-            raise ValueError(f"`heatmap_size` must be positive, got {self.heatmap_size}")
         pool = self.image_token_pool
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or self.tower_grid % pool:
             raise ValueError(
                 f"`image_token_pool` must be an int >= 1 that divides the vision tower's patch grid "
-                f"({self.tower_grid} = image_size // patch_size), got {pool!r}"
+                f"({self.tower_grid} = image_size // patch_size), got {_got(pool)}"
             )
 
     @property
@@ -205,7 +431,7 @@ class RAHFConfig(PreTrainedConfig):
         return self.tower_grid // self.image_token_pool
 
 
-__all__ = ["RAHFConfig"]
+__all__ = ["RAHFConfig", "check_image_statistics", "check_int", "check_real"]
 
 # So that AutoConfig (and AutoTokenizer, which reads config.json next to a saved tokenizer) knows RAHF.
 AutoConfig.register(RAHFConfig.model_type, RAHFConfig, exist_ok=True)

@@ -7,8 +7,12 @@ score head; the T5 decoder writes the prompt back with ` 0` after each misaligne
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
 from .configuration_rahf import KEYWORDS_TASK, RAHFConfig
+from .pretrained_paths import resolve_pretrained_path
 
 logger = logging.get_logger(__name__)
 
@@ -139,7 +144,105 @@ class KeywordMarkerThresholdLogitsProcessor(LogitsProcessor):
         return out
 
 
-class RAHFPreTrainedModel(PreTrainedModel):
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# Weight files that only unpickling could read.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safetensors_folder(folder: str | os.PathLike, shown: str | None = None) -> None:
+    """Raises a ValueError unless the local `folder` holds safetensors weights; one that holds only pickled weights
+    (`pytorch_model.bin`, ...) is named with the command that converts it. Nothing is ever unpickled."""
+    folder = Path(folder)
+    shown = shown or str(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if any(name in names for name in SAFETENSORS_WEIGHTS):
+        return
+    pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES) or n == "pytorch_model.bin.index.json"]
+    if not pickles:
+        raise ValueError(
+            f"`{shown}` holds no model.safetensors; pass a folder written by `save_pretrained` (or `rahf init-model`, "
+            "`rahf train`)"
+        )
+    name = "pytorch_model.bin" if "pytorch_model.bin" in pickles else pickles[0]
+    pickled = (folder / name).as_posix()
+    target = (folder / "model.safetensors").as_posix()
+    convert = (
+        f"python -c \"import torch; from safetensors.torch import save_file; save_file({{k: v.clone().contiguous() "
+        f"for k, v in torch.load('{pickled}', weights_only=True).items()}}, '{target}', metadata={{'format': 'pt'}})\""
+    )
+    raise ValueError(
+        f"`{shown}` holds {name} but no model.safetensors; rahf loads weights from safetensors only (never "
+        f"unpickles): convert it, if you trust the file, with {convert}"
+    )
+
+
+def _check_saved_config(model_class: type, folder: Path, shown: str) -> None:
+    """Reads `folder`/config.json as `model_class.config_class` would, so that a bad one is an error naming the file
+    (and the field, by the config's own checks) instead of a traceback from inside the loader."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"`{shown}` has no config.json; pass a folder written by `save_pretrained`")
+    try:
+        data = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"`{config_file}` is not valid JSON ({err}); fix it or save the model again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"`{config_file}` must hold a JSON object, got a {type(data).__name__}")
+    config_class = model_class.config_class
+    expected = config_class.model_type
+    found = data.get("model_type")
+    if found != expected:
+        raise ValueError(
+            f"`{shown}` holds a {found!r} model (config.json's model_type), not a {expected!r} one; pass a folder "
+            f"written by {model_class.__name__}.save_pretrained"
+        )
+    try:
+        config_class.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{config_file}`: {err}") from None
+
+
+class SafetensorsOnlyMixin:
+    """`from_pretrained` that loads safetensors weights only (never unpickles) and turns the usual mistakes with a
+    local folder (missing, no safetensors, a bad config.json) into one clear ValueError, before transformers' loader
+    runs. A missing folder that looks local is never looked up on the model hub."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any):
+        if kwargs.get("use_safetensors") is False or kwargs.get("weights_only") is False:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained loads safetensors only: drop `use_safetensors=False` / "
+                "`weights_only=False`, and convert pickled weights to model.safetensors"
+            )
+        kwargs["use_safetensors"] = True
+        name = cls.check_pretrained_folder(
+            pretrained_model_name_or_path,
+            subfolder=kwargs.get("subfolder") or "",
+            check_config=kwargs.get("config") is None,
+        )
+        return super().from_pretrained(name, *model_args, **kwargs)
+
+    @classmethod
+    def check_pretrained_folder(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        flag: str = "pretrained_model_name_or_path",
+        subfolder: str = "",
+        check_config: bool = True,
+    ) -> str:
+        """What `from_pretrained` checks before loading, without loading: returns the name to load (a folder or a
+        hub id); a missing local-looking folder, one without safetensors weights, or a bad config.json is a
+        ValueError naming `flag`, the folder and the fix."""
+        name = resolve_pretrained_path(pretrained_model_name_or_path, flag)
+        folder = Path(name).expanduser() / subfolder
+        if folder.is_dir():
+            check_safetensors_folder(folder, name)
+            if check_config:
+                _check_saved_config(cls, folder, name)
+        return name
+
+
+class RAHFPreTrainedModel(SafetensorsOnlyMixin, PreTrainedModel):
     config_class = RAHFConfig
     base_model_prefix = "rahf"
     main_input_name = "pixel_values"
@@ -230,6 +333,13 @@ class RAHFModel(RAHFPreTrainedModel):
         """
         vision_path = vision_model_name_or_path or config.vision_model_name_or_path
         text_path = text_model_name_or_path or config.text_model_name_or_path
+        # A mistyped local tower is an error here, not a model-hub lookup.
+        if vision_path:
+            vision_path = resolve_pretrained_path(
+                vision_path, "vision_model_name_or_path", what="a vision-tower folder"
+            )
+        if text_path:
+            text_path = resolve_pretrained_path(text_path, "text_model_name_or_path", what="a T5 folder or hub id")
         config = config.__class__.from_dict(config.to_dict())  # never mutate the caller's config
         vision_model = text_model = None
         if vision_path:
@@ -491,6 +601,13 @@ class RAHFModel(RAHFPreTrainedModel):
         )
 
 
-__all__ = ["KeywordMarkerThresholdLogitsProcessor", "RAHFModel", "RAHFOutput", "RAHFPreTrainedModel"]
+__all__ = [
+    "KeywordMarkerThresholdLogitsProcessor",
+    "RAHFModel",
+    "RAHFOutput",
+    "RAHFPreTrainedModel",
+    "SafetensorsOnlyMixin",
+    "check_safetensors_folder",
+]
 
 AutoModel.register(RAHFConfig, RAHFModel, exist_ok=True)

@@ -15,9 +15,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .configuration_rahf import KEYWORDS_TASK
+from .image_io import max_image_pixels as resolve_max_image_pixels
 from .keywords import split_prompt_words
 from .modeling_rahf import RAHFModel
-from .processing_rahf import ImageInput, RAHFProcessor, load_image
+from .pretrained_paths import resolve_pretrained_path
+from .processing_rahf import ImageInput, RAHFProcessor, check_prompts, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def as_image_prompt_lists(
     images: Sequence[ImageInput] | ImageInput, prompts: Sequence[str] | str
 ) -> tuple[list, list[str]]:
     """One image or a sequence, and one prompt (for every image) or one per image -> two lists of the same length."""
-    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes)):
         images = [images]
     images = list(images)
     if isinstance(prompts, str):
@@ -96,6 +98,33 @@ def fill_feedback(
                 )
                 feedback.heatmaps[name] = resized[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
 
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
+    """`batch_size` as an int >= 1, else a ValueError that names it (bools and floats are refused)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`{name}` must be an int >= 1 (images per forward pass), got {batch_size!r}; pass e.g. 8")
+    return batch_size
+
+
+def _check_model_and_processor(model: RAHFModel, processor: RAHFProcessor) -> None:
+    """A processor saved for another model would feed it images or task rows it was not built for. What a
+    processor-like object does not say (a stand-in in tests) is not compared."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "task_names"):
+        raise ValueError(f"`model` must be a RAHFModel, got a {type(model).__name__}")
+    missing = object()
+    mismatches = []
+    for name in ("image_size", "variant", "task_names"):
+        mine, theirs = getattr(processor, name, missing), getattr(config, name)
+        if mine is not missing and (list(mine) if name == "task_names" else mine) != theirs:
+            mismatches.append(f"{name} {mine!r} vs the model's {theirs!r}")
+    if mismatches:
+        raise ValueError(
+            f"the processor does not match the model ({'; '.join(mismatches)}); save the model's own processor with "
+            "RAHFProcessor.from_config(model.config).save_pretrained(dir)"
+        )
+
+
 class RichFeedbackPredictor:
     r"""
     Runs a trained RAHF model on images of any size: scores, heatmaps (at each image's own size) and misaligned words.
@@ -122,14 +151,35 @@ class RichFeedbackPredictor:
         batch_size: int = 8,
         max_new_tokens: int | None = None,
         keyword_threshold: float | None = None,
+        max_image_pixels: int | None = None,
     ):
+        _check_model_and_processor(model, processor)
+        self.batch_size = check_batch_size(batch_size)
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+        ):
+            raise ValueError(
+                f"`max_new_tokens` must be None (the model's max_target_length) or an int >= 1, got {max_new_tokens!r}"
+            )
+        if keyword_threshold is not None and (
+            isinstance(keyword_threshold, bool)
+            or not isinstance(keyword_threshold, (int, float))
+            or not 0.0 < keyword_threshold < 1.0
+        ):
+            raise ValueError(
+                f"`keyword_threshold` must be None (the model's own setting) or a probability in (0, 1), got "
+                f"{keyword_threshold!r}"
+            )
+        # None: the cap in force when images are read (RAHF_MAX_IMAGE_PIXELS, else 40 MP); checked now all the same.
+        if max_image_pixels is not None:
+            max_image_pixels = resolve_max_image_pixels(max_image_pixels)
+        self.max_image_pixels = max_image_pixels
         self.model = model.eval()
         self.processor = processor
         # None: the model's own setting (config.keyword_threshold; None there = greedy decoding)
         self.keyword_threshold = keyword_threshold
         if device is not None:
             self.model.to(device)
-        self.batch_size = int(batch_size)
         self.max_new_tokens = max_new_tokens
 
     @classmethod
@@ -140,9 +190,21 @@ class RichFeedbackPredictor:
         dtype: torch.dtype | None = None,
         **kwargs,
     ) -> RichFeedbackPredictor:
-        """Loads the model (safetensors) and its processor from a folder written by `save_pretrained`."""
-        model = RAHFModel.from_pretrained(pretrained_path, dtype=dtype) if dtype else RAHFModel.from_pretrained(pretrained_path)
-        processor = RAHFProcessor.from_pretrained(pretrained_path)
+        """Loads the model (safetensors) and its processor from a local folder written by `save_pretrained`.
+
+        `kwargs` (e.g. `batch_size`, `max_image_pixels`) go to the constructor. The folder must exist: a missing one
+        is a ValueError, never a model-hub lookup.
+        """
+        folder = resolve_pretrained_path(
+            pretrained_path, "pretrained_path", what="a saved model folder", allow_hub=False
+        )
+        # Checked before anything loads, so that a bad argument or folder costs no load; the model's config.json
+        # first, as the tokenizer reads it too.
+        if "batch_size" in kwargs:
+            check_batch_size(kwargs["batch_size"])
+        RAHFModel.check_pretrained_folder(folder, "pretrained_path")
+        processor = RAHFProcessor.from_pretrained(folder)
+        model = RAHFModel.from_pretrained(folder, dtype=dtype) if dtype else RAHFModel.from_pretrained(folder)
         return cls(model, processor, device=device, **kwargs)
 
     @property
@@ -184,12 +246,16 @@ class RichFeedbackPredictor:
                 `"plausibility"`; all by default.
         """
         images, prompts = as_image_prompt_lists(images, prompts)
+        check_prompts(prompts)  # all of them, before any batch runs
         tasks = self._resolve_outputs(outputs)
+        # Read at call time, so that a batch_size set after construction is checked too.
+        batch_size = check_batch_size(self.batch_size)
         results: list[RichFeedback] = []
-        starts = range(0, len(images), self.batch_size)
+        starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="RAHF", disable=not show_progress):
-            batch_images = [load_image(im) for im in images[start : start + self.batch_size]]
-            results += self._predict_batch(batch_images, prompts[start : start + self.batch_size], tasks)
+            batch = images[start : start + batch_size]
+            batch_images = [load_image(im, max_pixels=self.max_image_pixels) for im in batch]
+            results += self._predict_batch(batch_images, prompts[start : start + batch_size], tasks)
         return results
 
     def _keyword_decoding(self) -> dict[str, Any]:
@@ -202,7 +268,8 @@ class RichFeedbackPredictor:
         cfg = self.model.config
         device = self.device
         dtype = next(self.model.parameters()).dtype
-        pixel_values = self.processor.preprocess_images(images).to(device, dtype)
+        pixel_values = self.processor.preprocess_images(images, max_image_pixels=self.max_image_pixels)
+        pixel_values = pixel_values.to(device, dtype)
         image_embeds = self.model.get_image_features(pixel_values)  # (B, N, d): the only vision-tower call
 
         results = [RichFeedback(prompt=p) for p in prompts]
@@ -231,4 +298,4 @@ class RichFeedbackPredictor:
         return results
 
 
-__all__ = ["RichFeedback", "RichFeedbackPredictor", "as_image_prompt_lists", "fill_feedback"]
+__all__ = ["RichFeedback", "RichFeedbackPredictor", "as_image_prompt_lists", "check_batch_size", "fill_feedback"]

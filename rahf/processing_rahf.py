@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -10,16 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .configuration_rahf import RAHFConfig
+from .configuration_rahf import (
+    MIN_TEXT_LENGTH,
+    VARIANTS,
+    RAHFConfig,
+    check_image_statistics,
+    check_int,
+)
+from .image_io import MAX_IMAGE_PIXELS_ENV, ImageTooLargeError, max_image_pixels, open_image
 from .keywords import MARKER, decode_keyword_indices, encode_keyword_target, split_prompt_words
+from .pretrained_paths import resolve_pretrained_path
 
 logger = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG_NAME = "rahf_processor_config.json"
-ImageInput = Image.Image | np.ndarray | str | os.PathLike
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes
 
 
 def save_processor_config(
@@ -46,32 +55,69 @@ def load_processor_config(
     cfg_file = path / config_name
     if not cfg_file.is_file():
         raise ValueError(f"{str(path)!r} has no {config_name}; save {how_to_save} next to the model")
-    kwargs = json.loads(cfg_file.read_text())
+    try:
+        kwargs = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON ({err}); save {how_to_save} again") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"{str(cfg_file)!r} must hold a JSON object of processor settings, got a {type(kwargs).__name__}; save "
+            f"{how_to_save} again"
+        )
     kwargs.pop("processor_class", None)
     return path, kwargs
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """A PIL image, array or path -> an RGB PIL image, whatever its mode (RGBA, L, P, I;16, CMYK, ...).
+def _check_pixel_count(width: int, height: int, cap: int, what: str) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} is {width} x {height} pixels: pass an image with at least one pixel")
+    if width * height > cap:
+        raise ImageTooLargeError(
+            f"{what} is {width} x {height} = {width * height:,} pixels, more than the cap of {cap:,}; raise the cap "
+            f"with {MAX_IMAGE_PIXELS_ENV}=N (or max_image_pixels=N) if the image is genuine"
+        )
+
+
+def _array_to_image(arr: np.ndarray, cap: int) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        hint = " (channels first: transpose it to (H, W, C))" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ValueError(
+            f"an image array must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}{hint}"
+        )
+    # Checked before any conversion, which would copy the array.
+    _check_pixel_count(arr.shape[1], arr.shape[0], cap, f"the image array of shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind not in "uif":
+        raise ValueError(f"an image array must hold numbers (uint8, or floats in [0, 1]), got dtype {arr.dtype}")
+    elif arr.dtype != np.uint8:
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise ValueError("the image array holds NaN or infinite values: pass finite pixel values")
+            if arr.max() <= 1.0:
+                arr = arr * 255.0
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def load_image(image: ImageInput, max_pixels: int | None = None) -> Image.Image:
+    """A PIL image, array, path or encoded bytes -> an RGB PIL image, whatever its mode (RGBA, L, P, I;16, CMYK, ...).
 
     Transparent pixels are composited on white; 16-bit and 32-bit greyscale are scaled to 8 bits by their range.
+    An image of more than `max_pixels` pixels (default: `rahf.image_io.max_image_pixels()`, 40 MP or
+    `RAHF_MAX_IMAGE_PIXELS`) is refused with `ImageTooLargeError`, a `ValueError`; a file is checked from its header,
+    before it is decoded.
     """
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as img:
-                img.load()
-                image = img.copy()
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"could not read {str(image)!r} as an image ({err}); pass a PNG, JPEG, WebP, ... file") from err
+    cap = max_image_pixels(max_pixels)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        image = open_image(image, max_pixels=cap)
     elif isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            if arr.dtype.kind == "f" and arr.size and arr.max() <= 1.0:
-                arr = arr * 255.0
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        image = Image.fromarray(arr)
+        image = _array_to_image(image, cap)
     if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, a numpy array or a path, got {type(image).__name__}")
+        raise TypeError(f"expected a PIL image, a numpy array, a path or image bytes, got {type(image).__name__}")
+    _check_pixel_count(image.width, image.height, cap, f"the {image.mode} image")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -84,6 +130,64 @@ def load_image(image: ImageInput) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def check_prompts(text: Sequence[str] | str, uids: Sequence[str | None] | None = None) -> list[str]:
+    """The prompts as a list, after checking that each is a str with at least one word (as
+    `rahf.keywords.split_prompt_words` splits it); errors name the prompt's index and, when `uids` is given, its
+    record."""
+    if isinstance(text, str):
+        text = [text]
+    prompts = list(text)
+    for i, prompt in enumerate(prompts):
+        record = f" (record {uids[i]!r})" if uids is not None and i < len(uids) and uids[i] is not None else ""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i}{record} must be a str, got {type(prompt).__name__}")
+        if not split_prompt_words(prompt):
+            raise ValueError(
+                f"prompt {i}{record} is empty ({prompt!r}): RAHF rates an image against a prompt with at least one "
+                "word; give it its prompt or leave it out"
+            )
+    return prompts
+
+
+def load_saved_tokenizer(path: str | os.PathLike, how_to_save: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the local folder `path`; a folder without one is a ValueError that says how to save
+    it."""
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(
+            f"could not load the tokenizer saved in {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"save {how_to_save}"
+        ) from None
+
+
+def _check_task_names(task_names: Sequence[str]) -> list[str]:
+    names = list(task_names) if isinstance(task_names, (list, tuple)) else None
+    if not names or any(not isinstance(t, str) or not t.strip() for t in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"`task_names` must be a non-empty list of distinct task names (the model's `config.task_names`), got "
+            f"{task_names!r}; save the processor again with RAHFProcessor.from_config(config).save_pretrained(dir)"
+        )
+    return names
+
+
+def _check_task_strings(task_strings: dict[str, str], task_names: list[str], variant: str) -> dict[str, str]:
+    if not isinstance(task_strings, dict) or any(
+        not isinstance(k, str) or not isinstance(v, str) or not v.strip() for k, v in task_strings.items()
+    ):
+        raise ValueError(
+            f"`task_strings` must map each task to a non-empty text, got {task_strings!r}; write e.g. "
+            '{"overall": "overall score"}'
+        )
+    missing = [t for t in task_names if t not in task_strings]
+    if variant != "multi_head" and missing:
+        raise ValueError(
+            f"`task_strings` has no text for the tasks {missing}: the augmented-prompt variant prefixes every prompt "
+            "with its task's text; add them"
+        )
+    return dict(task_strings)
 
 
 class RAHFProcessor:
@@ -124,15 +228,24 @@ class RAHFProcessor:
         max_text_length: int = 128,
         max_target_length: int = 192,
     ):
+        if tokenizer is None:
+            raise ValueError(
+                "`tokenizer` is required: pass T5's tokenizer or rahf.tokenization.build_offline_tokenizer()"
+            )
+        where = PROCESSOR_CONFIG_NAME
         self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.image_mean = [float(x) for x in image_mean]
-        self.image_std = [float(x) for x in image_std]
+        self.image_size = check_int("image_size", image_size, example=384, where=where)
+        self.image_mean = check_image_statistics("image_mean", image_mean)
+        self.image_std = check_image_statistics("image_std", image_std, positive=True)
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"`variant` must be one of {list(VARIANTS)}, got {variant!r}; write one of them in {where}"
+            )
         self.variant = variant
-        self.task_strings = dict(task_strings)
-        self.task_names = list(task_names)
-        self.max_text_length = int(max_text_length)
-        self.max_target_length = int(max_target_length)
+        self.task_names = _check_task_names(task_names)
+        self.task_strings = _check_task_strings(task_strings, self.task_names, variant)
+        self.max_text_length = check_int("max_text_length", max_text_length, MIN_TEXT_LENGTH, 128, where)
+        self.max_target_length = check_int("max_target_length", max_target_length, MIN_TEXT_LENGTH, 192, where)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction, saving, loading
@@ -144,7 +257,10 @@ class RAHFProcessor:
         mean, std = config.image_mean, config.image_std
         if tokenizer is None:
             if config.text_model_name_or_path:
-                tokenizer = AutoTokenizer.from_pretrained(config.text_model_name_or_path)
+                name = resolve_pretrained_path(
+                    config.text_model_name_or_path, "text_model_name_or_path", what="a T5 folder or hub id"
+                )
+                tokenizer = AutoTokenizer.from_pretrained(name)
             else:
                 from .tokenization import build_offline_tokenizer
 
@@ -185,20 +301,34 @@ class RAHFProcessor:
         save_processor_config(save_directory, self.to_dict(), self.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, pretrained_path: str | os.PathLike) -> RAHFProcessor:
-        path, kwargs = load_processor_config(
-            pretrained_path, "the processor with `processor.save_pretrained(dir)` (or `rahf init-model`)"
-        )
-        return cls(tokenizer=AutoTokenizer.from_pretrained(path), **kwargs)
+    def from_pretrained(cls, pretrained_path: str | os.PathLike, flag: str = "pretrained_path") -> RAHFProcessor:
+        """Loads the processor saved in a local folder by `save_pretrained`; `flag` names the argument in errors."""
+        how_to_save = "the processor with `processor.save_pretrained(dir)` (or `rahf init-model`)"
+        folder = resolve_pretrained_path(pretrained_path, flag, what="a saved model folder", allow_hub=False)
+        path, kwargs = load_processor_config(folder, how_to_save)
+        expected = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
+        unknown = sorted(set(kwargs) - expected)
+        if unknown:
+            raise ValueError(
+                f"{str(path / PROCESSOR_CONFIG_NAME)!r} has unknown settings {unknown}; the processor takes "
+                f"{sorted(expected)}: remove or rename them"
+            )
+        tokenizer = load_saved_tokenizer(path, how_to_save)
+        try:
+            return cls(tokenizer=tokenizer, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{str(path / PROCESSOR_CONFIG_NAME)!r}: {err}") from None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Images
 
-    def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Images of any size and mode -> `pixel_values` (B, 3, image_size, image_size), normalised."""
+    def preprocess_images(self, images: Sequence[ImageInput], max_image_pixels: int | None = None) -> torch.Tensor:
+        """Images of any size and mode -> `pixel_values` (B, 3, image_size, image_size), normalised. Images above
+        `max_image_pixels` pixels are refused (see `load_image`)."""
         arrays = []
         for image in images:
-            rgb = load_image(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            rgb = load_image(image, max_pixels=max_image_pixels)
+            rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
             arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
@@ -207,17 +337,6 @@ class RAHFProcessor:
 
     # ----------------------------------------------------------------------------------------------------------------
     # Prompts
-
-    def _check_prompts(self, text: Sequence[str]) -> list[str]:
-        if isinstance(text, str):
-            text = [text]
-        prompts = list(text)
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt {i} must be a str, got {type(prompt).__name__}")
-            if not split_prompt_words(prompt):
-                raise ValueError(f"prompt {i} is empty ({prompt!r}): RAHF rates an image against a non-empty prompt")
-        return prompts
 
     def task_prompt(self, prompt: str, task: str | None) -> str:
         """The text the T5 encoder reads: the prompt, prefixed with the task string in the augmented-prompt variant."""
@@ -257,6 +376,7 @@ class RAHFProcessor:
         tasks: Sequence[str] | None = None,
         keyword_labels: Sequence[Sequence[int]] | None = None,
         return_tensors: str | None = "pt",
+        max_image_pixels: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Builds model inputs.
 
@@ -267,6 +387,7 @@ class RAHFProcessor:
                 are image-major. Ignored by the multi-head variant.
             keyword_labels: per prompt, one label per prompt word (1 aligned, 0 misaligned): adds `labels`, the
                 tokenized ` 0`-marked target.
+            max_image_pixels: the largest image accepted, in pixels (see `load_image`).
 
         Returns:
             `pixel_values` (B, 3, H, W), `input_ids` / `attention_mask` (R, L), `image_index` (R,), `task_ids` (R,)
@@ -276,11 +397,11 @@ class RAHFProcessor:
             raise ValueError(f"`return_tensors` must be 'pt', got {return_tensors!r}")
         out: dict[str, torch.Tensor] = {}
         if images is not None:
-            if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+            if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes)):
                 images = [images]
-            out["pixel_values"] = self.preprocess_images(images)
+            out["pixel_values"] = self.preprocess_images(images, max_image_pixels=max_image_pixels)
         if text is not None:
-            prompts = self._check_prompts(text)
+            prompts = check_prompts(text)
             if images is not None and len(prompts) != len(out["pixel_values"]):
                 raise ValueError(f"got {len(out['pixel_values'])} images and {len(prompts)} prompts: pass one prompt per image")
             out.update(self.encode_prompts(prompts, tasks))
@@ -290,7 +411,7 @@ class RAHFProcessor:
 
     def encode_prompts(self, prompts: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Tokenizes prompts (one row each, or one row per (prompt, task) in the augmented-prompt variant)."""
-        prompts = list(prompts)
+        prompts = check_prompts(prompts)
         if self.variant == "multi_head":
             rows, task_ids, image_index = prompts, None, list(range(len(prompts)))
         else:
@@ -344,6 +465,12 @@ class RAHFProcessor:
         Words that truncation drops from the prompt are dropped from the target too, so that the model is never
         asked to mark a word it did not read.
         """
+        prompts = check_prompts(prompts)
+        keyword_labels = list(keyword_labels)
+        if len(keyword_labels) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts and {len(keyword_labels)} lists of word labels: pass one per prompt"
+            )
         targets = []
         for i, (prompt, labels) in enumerate(zip(prompts, keyword_labels)):
             words = split_prompt_words(prompt)
@@ -401,7 +528,23 @@ def _image_stats_of(path: str, mean: list[float], std: list[float]) -> tuple[lis
     except Exception as err:  # a missing file is normal for bare towers; keep the config's statistics
         logger.info("no preprocessor_config.json for %s (%s); using image_mean=%s image_std=%s", path, err, mean, std)
         return mean, std
-    return list(cfg.get("image_mean", mean)), list(cfg.get("image_std", std))
+    if not isinstance(cfg, dict):
+        cfg = {}
+    # A tower's statistics replace the config's, so a bad one must be caught here, naming where it came from.
+    try:
+        return (
+            check_image_statistics("image_mean", cfg.get("image_mean", mean)),
+            check_image_statistics("image_std", cfg.get("image_std", std), positive=True),
+        )
+    except ValueError as err:
+        raise ValueError(f"the preprocessor_config.json of {path!r}: {err}") from None
 
 
-__all__ = ["RAHFProcessor", "load_image", "load_processor_config", "save_processor_config"]
+__all__ = [
+    "RAHFProcessor",
+    "check_prompts",
+    "load_image",
+    "load_processor_config",
+    "load_saved_tokenizer",
+    "save_processor_config",
+]

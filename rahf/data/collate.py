@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..keywords import split_prompt_words
+from ..processing_rahf import check_prompts
 from .schema import HEATMAP_NAMES, SCORE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class RAHFCollator:
         if not items:
             raise ValueError("`items` is empty: a batch needs at least one training item")
         prompts = [item["prompt"] for item in items]
+        # Training refuses what inference refuses: a record with no prompt words, named by its uid.
+        check_prompts(prompts, uids=[item.get("uid") for item in items])
         word_labels = []
         for item in items:
             labels = [int(x) for x in item["word_labels"]]
