@@ -20,6 +20,7 @@ import numpy as np
 from datasets import DatasetDict
 from tqdm.auto import tqdm
 
+from rahf.data.jsonl import read_jsonl
 from rahf.data.schema import HEATMAP_NAMES, SCORE_NAMES, SPLITS, load_rich_feedback
 
 logger = logging.getLogger(__name__)
@@ -110,18 +111,14 @@ def _read_raw_annotations(path: Path) -> dict[str, dict[str, list[float]]]:
     """raw/annotations.jsonl -> {uid: {score name: [1-5 ratings]}}; unreadable lines are skipped with a warning."""
     per_uid: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                scores = record["scores"]
-                for name in SCORE_NAMES:
-                    if scores.get(name) is not None:
-                        per_uid[record["uid"]][name].append(float(scores[name]))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                skipped += 1
+    for _, record in read_jsonl(path):  # a bad line (not UTF-8, too deep, too long, ...) is a value, never a crash
+        try:
+            scores = record["scores"]
+            for name in SCORE_NAMES:
+                if scores.get(name) is not None:
+                    per_uid[str(record["uid"])][name].append(float(scores[name]))
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+            skipped += 1
     if skipped:
         logger.warning("%s: skipped %d unreadable lines (run `rahf data consolidate` for a report)", path, skipped)
     return {uid: dict(v) for uid, v in per_uid.items()}
