@@ -27,7 +27,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline  # noqa: E402
+from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline  # noqa: E402
 
 PROMPT = "a red circle above a blue square"  # task string + prompt fit the tiny RAHF's 32 tokens
 

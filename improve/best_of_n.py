@@ -1,11 +1,11 @@
-"""`rahf best-of-n` / `accelerate launch -m improve.best_of_n`: generate N images per prompt, score each with RAHF, keep
+"""`rahf best-of-n` / `accelerate launch -m rahf.improve.best_of_n`: generate N images per prompt, score each with RAHF, keep
 the best when its reward passes a threshold (the paper's §5 data filtering), written as a `datasets` image folder.
 
 Outputs under `--output_dir`:
 
 - `kept/`: the kept images and `metadata.jsonl` (`file_name`, `prompt`, the RAHF scores, `reward`, `seed`, `rank`
   among the N, ...): `datasets.load_dataset("imagefolder", data_dir="OUT/kept")` reads it, and so do diffusers'
-  fine-tuning scripts (`--train_data_dir OUT/kept --caption_column prompt`) and `improve.finetune`;
+  fine-tuning scripts (`--train_data_dir OUT/kept --caption_column prompt`) and `rahf.improve.finetune`;
 - `all_scores.jsonl`: one row per generated image (N per prompt), kept or not;
 - `summary.json`: counts and mean scores; `shards/`: one finished-prompt record each (what makes a rerun resume).
 
@@ -19,7 +19,7 @@ Examples:
 
 ```bash
 rahf best-of-n --config configs/improve/best_of_n.yaml --output_dir runs/bon
-accelerate launch --multi_gpu --num_processes 8 -m improve.best_of_n --config configs/improve/best_of_n.yaml \\
+accelerate launch --multi_gpu --num_processes 8 -m rahf.improve.best_of_n --config configs/improve/best_of_n.yaml \\
     --reward "plausibility=0.5,aesthetics=0.5" --threshold 0.6
 ```
 """
@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from rahf.pipelines.loading import dtype_kwarg
 
-from pipelines.loading import dtype_kwarg
 from rahf.job_args import check_finite_numbers, parse_weight_spec, read_prompt_records
 from rahf.pretrained_paths import resolve_pretrained_path
 
@@ -207,7 +207,7 @@ def _registry_spec(spec: str | dict[str, float]) -> str | dict[str, float]:
 
 def build_reward_fn(spec: str | dict[str, float], reward_model: str, device: str | torch.device | None = None,
                     batch_size: int = 16) -> RewardFn:
-    """The `improve.reward` registry's reward `fn(images, prompts, metadata) -> (scores (B,), info)` named by `spec`
+    """The `rahf.improve.reward` registry's reward `fn(images, prompts, metadata) -> (scores (B,), info)` named by `spec`
     (a name or a weighted mix, see `parse_reward_spec`), on a RAHF model folder, run without gradients."""
     from rahf import RichFeedbackPredictor
 
@@ -622,7 +622,7 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `rahf best-of-n` and `python -m improve.best_of_n` / `accelerate launch -m improve.best_of_n`."""
+    """Entry point of `rahf best-of-n` and `python -m rahf.improve.best_of_n` / `accelerate launch -m rahf.improve.best_of_n`."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_best_of_n_args(argv)

@@ -4,7 +4,7 @@ and compare the generator before and after on held-out prompts (same seeds), wit
 Examples:
 
 ```python
->>> from improve.demo import best_of_n_report
+>>> from rahf.improve.demo import best_of_n_report
 >>> report = best_of_n_report("tiny-sd", "models/rahf", ["a red cat", "a blue car"], ["a green bird"], "out/bon")
 >>> report["heldout"]["before"]["reward"], report["heldout"]["after"]["reward"], report["grid"]
 ```

@@ -1,18 +1,18 @@
-"""`accelerate launch -m improve.finetune`: LoRA fine-tuning of a text-to-image generator on an image folder (e.g. the
+"""`accelerate launch -m rahf.improve.finetune`: LoRA fine-tuning of a text-to-image generator on an image folder (e.g. the
 best-of-N kept set), the paper's §5 "fine-tune on what RAHF kept", with accelerate.
 
 Stable Diffusion family (SD 1.x / 2.x: LoRA on the UNet's attention projections, the noise-prediction loss of
 diffusers' `train_text_to_image_lora.py`) and aMUSEd (LoRA on the `UVit2DModel` transformer, the masked-token loss of
 diffusers' `train_amused.py`). Flags are named as in those scripts. Optional reward-weighted loss from the `reward`
-column that `improve.best_of_n` records; validation images scored by RAHF at intervals; `checkpoint-{step}/` folders
+column that `rahf.improve.best_of_n` records; validation images scored by RAHF at intervals; `checkpoint-{step}/` folders
 whose save/load hooks write and *restore* the LoRA (`pytorch_lora_weights.safetensors`); the final LoRA in
 `output_dir/pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights(output_dir)` reads.
 
 Examples:
 
 ```bash
-accelerate launch -m improve.finetune --config configs/improve/finetune_lora.yaml
-accelerate launch --multi_gpu --num_processes 4 -m improve.finetune --config configs/improve/finetune_lora.yaml \\
+accelerate launch -m rahf.improve.finetune --config configs/improve/finetune_lora.yaml
+accelerate launch --multi_gpu --num_processes 4 -m rahf.improve.finetune --config configs/improve/finetune_lora.yaml \\
     --train_data_dir runs/bon/kept --reward_weighted --resume_from_checkpoint latest
 ```
 
@@ -82,7 +82,7 @@ DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 @dataclass
 class LoRAFineTuneArguments:
-    """Everything `improve.finetune` needs; flag names follow diffusers' `train_text_to_image_lora.py`.
+    """Everything `rahf.improve.finetune` needs; flag names follow diffusers' `train_text_to_image_lora.py`.
 
     Examples:
 
@@ -226,7 +226,7 @@ def parse_finetune_args(argv: list[str] | None = None) -> LoRAFineTuneArguments:
     >>> args = parse_finetune_args(["--config", "configs/improve/finetune_lora.yaml", "--max_train_steps", "10"])
     ```
     """
-    return parse_job_args(LoRAFineTuneArguments, argv, prog="accelerate launch -m improve.finetune",
+    return parse_job_args(LoRAFineTuneArguments, argv, prog="accelerate launch -m rahf.improve.finetune",
                           description="LoRA fine-tuning of a text-to-image generator on an image folder.")
 
 
@@ -330,7 +330,7 @@ def restore_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path) ->
 
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
-        raise ValueError(f"{str(directory)!r} has no {LORA_WEIGHT_NAME}; pass a checkpoint written by improve.finetune")
+        raise ValueError(f"{str(directory)!r} has no {LORA_WEIGHT_NAME}; pass a checkpoint written by rahf.improve.finetune")
     prefix = _prefix(kind) + "."
     state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     if not state:
@@ -854,7 +854,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m improve.finetune` / `accelerate launch -m improve.finetune`."""
+    """Entry point of `python -m rahf.improve.finetune` / `accelerate launch -m rahf.improve.finetune`."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train_lora(parse_finetune_args(argv))

@@ -1,7 +1,7 @@
 """Sampling with RAHF classifier guidance: the same seeds with and without guidance, scored, in a grid and a summary.
 
-    python -m improve.guided_sample --config configs/improve/guidance.yaml
-    python -m improve.guided_sample --config configs/improve/guidance.yaml --reward_guidance_scale 0.25 0.5 1 --seeds 0 1
+    python -m rahf.improve.guided_sample --config configs/improve/guidance.yaml
+    python -m rahf.improve.guided_sample --config configs/improve/guidance.yaml --reward_guidance_scale 0.25 0.5 1 --seeds 0 1
 
 Writes to `--output_dir`: `images/` (one PNG per prompt, seed and scale), `grid.png` (rows: prompt x seed; columns:
 the scales, 0 = no guidance; captions: the four RAHF scores) and `summary.json` (per scale: the mean target score, the
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from rahf.pipelines.loading import dtype_kwarg
+from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from pipelines.loading import dtype_kwarg
-from pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
 from rahf.job_args import MIXED_PRECISIONS, check_finite_numbers, read_prompt_records, resolve_mixed_precision
 from rahf.modeling_rahf import RAHFModel
 from rahf.predictor import RichFeedbackPredictor
@@ -63,7 +63,7 @@ _MIN_CELL = 256
 
 @dataclass
 class GuidedSampleArguments:
-    """Arguments of `python -m improve.guided_sample` / `rahf guide`. Each field is a `--flag`; `--config` sets defaults."""
+    """Arguments of `python -m rahf.improve.guided_sample` / `rahf guide`. Each field is a `--flag`; `--config` sets defaults."""
 
     config: str | None = field(
         default=None, metadata={"help": "YAML file of arguments (keys = flag names); flags on the command line win"}
@@ -84,7 +84,7 @@ class GuidedSampleArguments:
     reward: str = field(
         default="aesthetics",
         metadata={
-            "help": "the reward to increase: a name of improve.reward.list_rewards(), or a mix such as "
+            "help": "the reward to increase: a name of rahf.improve.reward.list_rewards(), or a mix such as "
             "'aesthetics=0.7,-implausibility=0.3' (write --reward=-implausibility for a leading '-')"
         },
     )

@@ -12,7 +12,7 @@ Examples:
 
 ```python
 >>> import torch
->>> from improve.reward import get_reward, list_rewards
+>>> from rahf.improve.reward import get_reward, list_rewards
 >>> from rahf.testing import tiny_rahf_model, tiny_rahf_processor
 >>> reward = get_reward("aesthetics", reward_model=tiny_rahf_model(), reward_processor=tiny_rahf_processor())
 >>> scores, info = reward(torch.rand(2, 3, 32, 32), ["a red cat", "a dog"], None)
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from rahf.pipelines.rahf_guided import RAHFReward, RewardFn, rahf_pixel_values
 
-from pipelines.rahf_guided import RAHFReward, RewardFn, rahf_pixel_values
 from rahf.job_args import parse_weight_spec
 from rahf.modeling_rahf import RAHFModel
 from rahf.predictor import RichFeedbackPredictor

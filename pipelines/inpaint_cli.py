@@ -1,7 +1,7 @@
 """`rahf inpaint`: repair one image with RAHF + an inpainting pipeline and write the result, its candidates and scores.
 
     rahf inpaint --model RAHF_DIR --inpainter PIPE_DIR_OR_ID --image IMG --prompt TEXT --out DIR
-    python -m pipelines.inpaint_cli --model ... (the same flags)
+    python -m rahf.pipelines.inpaint_cli --model ... (the same flags)
 
 Writes `best.png`, `candidates.png` (input and candidates with their scores), `heatmap.png` (the heat as greyscale),
 `overlay.png`, `mask.png` and `result.json` (every score, `repaired`, the mask's area and the settings).
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from rahf.pipelines.loading import dtype_kwarg
 
-from pipelines.loading import dtype_kwarg
 from rahf.job_args import parse_weight_spec
 from rahf.pretrained_paths import resolve_pretrained_path
 
@@ -51,11 +51,11 @@ def rahf_inpaint_class_for(pipe: Any) -> type:
     Diffusion (unet + vae)."""
     components = getattr(pipe, "components", {})
     if "vqvae" in components and "transformer" in components:
-        from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+        from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
 
         return RAHFAmusedInpaintPipeline
     if "unet" in components and "vae" in components:
-        from pipelines.rahf_inpaint import RAHFInpaintPipeline
+        from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
 
         return RAHFInpaintPipeline
     raise ValueError(
@@ -105,8 +105,8 @@ def load_rahf_inpaint_pipeline(
     except (OSError, ValueError) as err:
         raise ValueError(f"`--inpainter` {inpainter!r} is not a diffusers pipeline ({err})") from err
     if class_name in _RAHF_PIPELINES:
-        from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
-        from pipelines.rahf_inpaint import RAHFInpaintPipeline
+        from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+        from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
 
         cls = RAHFInpaintPipeline if class_name == "RAHFInpaintPipeline" else RAHFAmusedInpaintPipeline
         pipe = cls.from_pretrained(inpainter, **reward, **kwargs)
@@ -129,7 +129,8 @@ def write_inpaint_result(
     out: Any, image: Image.Image, out_dir: str | Path, prompt: str, heatmap_name: str, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """Writes the files of `rahf inpaint` for one `RAHFInpaintPipelineOutput` (PIL output); returns result.json."""
-    from pipelines.masks import mask_to_pil
+    from rahf.pipelines.masks import mask_to_pil
+
     from rahf.viz import heatmap_to_image, image_grid, overlay_heatmaps
 
     out_dir = Path(out_dir)
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`rahf inpaint ...` (argv without the subcommand). User mistakes raise ValueError naming the flag."""
-    from pipelines.masks import override_mask_config
-    from pipelines.rahf_inpaint import DEFAULT_MASK_CONFIG
+    from rahf.pipelines.masks import override_mask_config
+    from rahf.pipelines.rahf_inpaint import DEFAULT_MASK_CONFIG
+
     from rahf import load_image
 
     args = build_parser().parse_args(argv)

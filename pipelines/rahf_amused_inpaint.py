@@ -1,6 +1,6 @@
 """`RAHFAmusedInpaintPipeline`: RAHF heatmap -> mask -> K aMUSEd inpaintings -> rescore -> best, the mask on VQ tokens.
 
-The aMUSEd counterpart of `pipelines.rahf_inpaint.RAHFInpaintPipeline`, with the same `__call__` interface and output.
+The aMUSEd counterpart of `rahf.pipelines.rahf_inpaint.RAHFInpaintPipeline`, with the same `__call__` interface and output.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import PIL.Image
 import torch
 from diffusers import AmusedInpaintPipeline, AmusedScheduler, DiffusionPipeline, UVit2DModel, VQModel
 from diffusers.utils import logging, replace_example_docstring
+from rahf.pipelines.loading import register_rahf_components
+from rahf.pipelines.masks import MaskConfig
+from rahf.pipelines.rahf_inpaint import RAHFInpaintMixin, RAHFInpaintPipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipelines.loading import register_rahf_components
-from pipelines.masks import MaskConfig
-from pipelines.rahf_inpaint import RAHFInpaintMixin, RAHFInpaintPipelineOutput
 from rahf import RAHFModel, RAHFProcessor
 
 logger = logging.get_logger(__name__)
@@ -35,7 +35,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers import AmusedInpaintPipeline
         >>> from rahf import RAHFModel, RAHFProcessor
-        >>> from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+        >>> from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
 
         >>> inpainter = AmusedInpaintPipeline.from_pretrained("amused/amused-512", torch_dtype=torch.float16)
         >>> pipe = RAHFAmusedInpaintPipeline.from_pipe(
@@ -89,7 +89,7 @@ class RAHFAmusedInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
 
     ```python
     >>> from PIL import Image
-    >>> from pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+    >>> from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
     >>> from rahf.testing import tiny_amused_inpaint_pipeline, tiny_rahf_model, tiny_rahf_processor
     >>> pipe = RAHFAmusedInpaintPipeline.from_pipe(
     ...     tiny_amused_inpaint_pipeline(), reward_model=tiny_rahf_model(), reward_processor=tiny_rahf_processor()

@@ -33,9 +33,9 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
+from rahf.pipelines.loading import register_rahf_components
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from pipelines.loading import register_rahf_components
 from rahf.modeling_rahf import RAHFModel
 from rahf.processing_rahf import RAHFProcessor
 
@@ -73,7 +73,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers import DDIMScheduler, StableDiffusionPipeline
         >>> from rahf import RAHFModel, RAHFProcessor
-        >>> from pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
+        >>> from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
 
         >>> sd = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
         >>> pipe = RAHFGuidedStableDiffusionPipeline.from_pipe(
@@ -669,7 +669,7 @@ class RAHFGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 What to increase: a RAHF score name (`"plausibility"`, `"alignment"`, `"aesthetics"`, `"overall"`),
                 minus a heatmap's mean (`"-implausibility"`, `"-misalignment"`), a dict of weights, or any callable
                 `fn(images, prompts, metadata) -> (scores, info)` differentiable in `images` (B, 3, H, W) in [0, 1]
-                (e.g. from `improve.reward.get_reward`).
+                (e.g. from `rahf.improve.reward.get_reward`).
             reward_prompt (`str` or `list[str]`, *optional*): the text RAHF rates the images against; defaults to
                 `prompt`.
             reward_guidance_scale (`float`, *optional*, defaults to 0.0): strength of the guidance; 0 turns it off

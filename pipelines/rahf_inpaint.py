@@ -1,7 +1,7 @@
 """`RAHFInpaintPipeline`: repair the region RAHF flags (heatmap -> mask -> K inpainted candidates -> rescore -> best).
 
 The paper's §5 / Fig. 9 use of the heatmaps, on any Stable Diffusion inpainting pipeline. The aMUSEd variant, which
-shares every step but generation, is `pipelines.rahf_amused_inpaint.RAHFAmusedInpaintPipeline`.
+shares every step but generation, is `rahf.pipelines.rahf_amused_inpaint.RAHFAmusedInpaintPipeline`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from rahf.pipelines.loading import register_rahf_components
+from rahf.pipelines.masks import MaskConfig, feather_mask, heatmap_to_mask, override_mask_config
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from pipelines.loading import register_rahf_components
-from pipelines.masks import MaskConfig, feather_mask, heatmap_to_mask, override_mask_config
 from rahf import RAHFModel, RAHFProcessor, RichFeedbackPredictor, load_image
 
 logger = logging.get_logger(__name__)
@@ -46,7 +46,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers import StableDiffusionInpaintPipeline
         >>> from rahf import RAHFModel, RAHFProcessor
-        >>> from pipelines.rahf_inpaint import RAHFInpaintPipeline
+        >>> from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
 
         >>> inpainter = StableDiffusionInpaintPipeline.from_pretrained(
         ...     "stable-diffusion-v1-5/stable-diffusion-inpainting", torch_dtype=torch.float16
@@ -298,7 +298,7 @@ class RAHFInpaintMixin:
 
     @staticmethod
     def _build_mask(heat: np.ndarray, config: MaskConfig, size: tuple[int, int]) -> np.ndarray:
-        """Step 2: threshold, drop specks, dilate (`pipelines.masks`), at the image's size."""
+        """Step 2: threshold, drop specks, dilate (`rahf.pipelines.masks`), at the image's size."""
         return heatmap_to_mask(heat, config, size=size)
 
     @staticmethod
@@ -456,7 +456,7 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
 
     ```python
     >>> from PIL import Image
-    >>> from pipelines.rahf_inpaint import RAHFInpaintPipeline
+    >>> from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
     >>> from rahf.testing import tiny_rahf_model, tiny_rahf_processor, tiny_sd_inpaint_pipeline
     >>> pipe = RAHFInpaintPipeline.from_pipe(
     ...     tiny_sd_inpaint_pipeline(), reward_model=tiny_rahf_model(), reward_processor=tiny_rahf_processor()

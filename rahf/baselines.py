@@ -66,6 +66,7 @@ from transformers import (
     ResNetModel,
 )
 
+from .configs import resolve_config_path
 from .configuration_rahf import DEFAULT_HEATMAP_NAMES, DEFAULT_SCORE_NAMES, KEYWORDS_TASK
 from .modeling_rahf import RAHFHeatmapHead, RAHFOutput, SafetensorsOnlyMixin, check_safetensors_folder
 from .predictor import RichFeedback, as_image_prompt_lists, fill_feedback
@@ -847,7 +848,7 @@ def build_trainable(
     if model_config_path_or_none is None:
         config = tiny_resnet_config() if model_type == "resnet50" else RAHFCLIPConfig(clip_config=tiny_clip_config())
     else:
-        path = _resolve_config_path(model_config_path_or_none)
+        path = resolve_config_path(model_config_path_or_none, "model_config")
         data = json.loads(path.read_text())
         found = data.get("model_type", config_cls.model_type)
         if found != config_cls.model_type:
@@ -865,16 +866,6 @@ def build_trainable(
         else:
             model = model_cls(config)
     return model, _processor_for(model)
-
-
-def _resolve_config_path(path: str | os.PathLike) -> Path:
-    candidate = Path(path)
-    if candidate.is_file():
-        return candidate
-    repo = Path(__file__).resolve().parent.parent
-    if not candidate.is_absolute() and (repo / candidate).is_file():
-        return repo / candidate
-    raise ValueError(f"model config {str(path)!r} is not a file; pass a configs/model/*.json preset")
 
 
 # ====================================================================================================================

@@ -167,9 +167,9 @@ DELEGATED = {
     "data": ("rahf.data.cli", "data sets: synth, convert-richhf, consolidate, stats"),
     "train": ("rahf.train", "train RAHF or a baseline from a YAML config (accelerate launch -m rahf.train)"),
     "evaluate": ("rahf.evaluation", "the paper's Tables 1-4 on a split -> metrics.json, report.md, figures"),
-    "inpaint": ("pipelines.inpaint_cli", "heatmap -> mask -> K inpainted candidates -> rescored -> best"),
-    "guide": ("improve.guided_sample", "sampling with classifier guidance from a RAHF score"),
-    "best-of-n": ("improve.best_of_n", "generate N per prompt, keep the best above a threshold"),
+    "inpaint": ("rahf.pipelines.inpaint_cli", "heatmap -> mask -> K inpainted candidates -> rescored -> best"),
+    "guide": ("rahf.improve.guided_sample", "sampling with classifier guidance from a RAHF score"),
+    "best-of-n": ("rahf.improve.best_of_n", "generate N per prompt, keep the best above a threshold"),
 }
 
 

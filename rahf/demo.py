@@ -382,7 +382,7 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
 
 
 def _repair_section(model_dir: Path, data_dir: Path, test, out: Path, budget: DemoBudget) -> str:
-    from pipelines.repair_report import repair_report
+    from rahf.pipelines.repair_report import repair_report
 
     from .testing import tiny_sd_inpaint_pipeline
 
@@ -421,7 +421,7 @@ def _repair_section(model_dir: Path, data_dir: Path, test, out: Path, budget: De
 
 def _guidance_section(model_dir: Path, test, out: Path, budget: DemoBudget) -> str:
     try:
-        from improve.guided_sample import guidance_report
+        from rahf.improve.guided_sample import guidance_report
     except ImportError as err:  # the guidance job is optional in a partial install
         return f"## Guidance\n\nSkipped: {err}\n"
     from .testing import tiny_sd_pipeline
@@ -454,7 +454,7 @@ def _guidance_section(model_dir: Path, test, out: Path, budget: DemoBudget) -> s
 
 
 def _best_of_n_section(model_dir: Path, data, out: Path, budget: DemoBudget) -> str:
-    from improve.demo import best_of_n_report
+    from rahf.improve.demo import best_of_n_report
 
     from .testing import tiny_sd_pipeline
 

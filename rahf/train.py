@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
+from .configs import resolve_config_path
 from .configuration_rahf import KEYWORDS_TASK
 from .job_args import resolve_mixed_precision, uses_cpu_processes
 from .training_args import RAHFTrainingArguments, parse_training_args
@@ -80,7 +81,6 @@ __all__ = [
 
 CHECKPOINT_MODEL_DIR = "model"
 TRAIN_LOG_NAME = "train_log.jsonl"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -116,18 +116,6 @@ def register_model_type(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return decorator
 
 
-def _resolve_preset(path: str) -> Path:
-    """A model preset path: as given (relative to the working directory), else relative to the source checkout."""
-    candidate = Path(path)
-    if candidate.is_file():
-        return candidate
-    if not candidate.is_absolute() and (REPO_ROOT / candidate).is_file():
-        return REPO_ROOT / candidate
-    raise ValueError(
-        f"`model_config` {path!r} is not a file; pass a configs/model/*.json preset (e.g. configs/model/tiny.json)"
-    )
-
-
 @register_model_type("rahf")
 def _build_rahf(args: RAHFTrainingArguments):
     from .configuration_rahf import RAHFConfig
@@ -144,7 +132,7 @@ def _build_rahf(args: RAHFTrainingArguments):
         return model, RAHFProcessor.from_pretrained(args.pretrained_model_name_or_path)
     if not args.model_config:
         raise ValueError("pass `--model_config` (a configs/model/*.json preset) or `--pretrained_model_name_or_path`")
-    preset = json.loads(_resolve_preset(args.model_config).read_text())
+    preset = json.loads(resolve_config_path(args.model_config, "model_config").read_text())
     if args.variant is not None:
         preset["variant"] = args.variant
     config = RAHFConfig.from_dict(preset)

@@ -19,9 +19,8 @@ from improve_utils import (
     write_prompts,
 )
 from PIL import Image
-
-from improve import best_of_n
-from improve.best_of_n import (
+from rahf.improve import best_of_n
+from rahf.improve.best_of_n import (
     derive_seed,
     parse_best_of_n_args,
     parse_reward_spec,
@@ -221,7 +220,7 @@ def test_amused_best_of_n(assets, tmp_path):
 @pytest.mark.distributed
 def test_two_processes_split_prompts_and_match_one_process(assets, reference, tmp_path):
     out = tmp_path / "ddp"
-    launch_two_processes("improve.best_of_n",
+    launch_two_processes("rahf.improve.best_of_n",
                          _argv(assets, out, "--threshold", reference["threshold"]), cwd=tmp_path)
     done = {rank: [r["prompt_index"] for r in read_jsonl(out / "work_log" / f"rank{rank}.jsonl")] for rank in (0, 1)}
     assert all(r["num_processes"] == 2 for rank in (0, 1) for r in read_jsonl(out / "work_log" / f"rank{rank}.jsonl"))
@@ -247,7 +246,7 @@ def test_two_processes_split_prompts_and_match_one_process(assets, reference, tm
 
 
 def test_best_of_n_report_for_the_demo(assets, tmp_path):
-    from improve.demo import best_of_n_report
+    from rahf.improve.demo import best_of_n_report
 
     out = tmp_path / "report"
     report = best_of_n_report(assets["sd"], assets["rahf"], PROMPTS[:3], ["a purple bird", "an orange box"], out, n=2,

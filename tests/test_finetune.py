@@ -18,9 +18,7 @@ from improve_utils import (
     save_tiny_sd,
 )
 from peft import LoraConfig
-from safetensors.torch import load_file
-
-from improve.finetune import (
+from rahf.improve.finetune import (
     LORA_WEIGHT_NAME,
     _load_rows,
     list_checkpoints,
@@ -31,6 +29,8 @@ from improve.finetune import (
     save_lora,
     train_lora,
 )
+from safetensors.torch import load_file
+
 from rahf.testing import tiny_sd_pipeline
 
 
@@ -218,7 +218,7 @@ def test_amused_transformer_lora_trains_and_loads(assets, tmp_path):
 @pytest.mark.distributed
 def test_two_processes_keep_identical_lora(assets, tmp_path):
     out = tmp_path / "ddp"
-    launch_two_processes("improve.finetune", _argv(assets, out, "--train_batch_size", 1, "--max_train_steps", 3,
+    launch_two_processes("rahf.improve.finetune", _argv(assets, out, "--train_batch_size", 1, "--max_train_steps", 3,
                                                    "--checkpointing_steps", 2), cwd=tmp_path)
     rank0, rank1 = read_jsonl(out / "debug_sync" / "rank0.jsonl"), read_jsonl(out / "debug_sync" / "rank1.jsonl")
     assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [1, 2, 3]

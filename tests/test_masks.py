@@ -1,12 +1,11 @@
-"""pipelines.masks: threshold semantics, quantiles, speck removal, resolution-independent dilation, feathered alpha."""
+"""rahf.pipelines.masks: threshold semantics, quantiles, speck removal, resolution-independent dilation, feathered alpha."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipelines.masks import DEFAULT_THRESHOLD, MaskConfig, disk_kernel, feather_mask, heatmap_to_mask, mask_to_pil
+from rahf.pipelines.masks import DEFAULT_THRESHOLD, MaskConfig, disk_kernel, feather_mask, heatmap_to_mask, mask_to_pil
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

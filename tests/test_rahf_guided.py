@@ -1,4 +1,4 @@
-"""RAHFGuidedStableDiffusionPipeline and `python -m improve.guided_sample`, with tiny random components (32 px, 4 steps)."""
+"""RAHFGuidedStableDiffusionPipeline and `python -m rahf.improve.guided_sample`, with tiny random components (32 px, 4 steps)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
+from rahf.improve.reward import get_reward
+from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline, RAHFReward
 
-from improve.reward import get_reward
-from pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline, RAHFReward
 from rahf.testing import tiny_rahf_model, tiny_rahf_processor, tiny_sd_pipeline
 
 SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler]
@@ -92,7 +92,7 @@ def test_non_finite_gradients_are_zeroed_with_a_warning(ddim_pipes, caplog):
     def poisoned(images, prompts, metadata):  # a differentiable reward whose gradient is NaN
         return (images * float("nan")).mean(dim=(1, 2, 3)), {}
 
-    with caplog.at_level("WARNING", logger="pipelines.rahf_guided"):
+    with caplog.at_level("WARNING", logger="rahf.pipelines.rahf_guided"):
         out = _run(pipe, seeds=SEEDS[:2], reward=poisoned, reward_guidance_scale=1.0)
     assert out.num_nonfinite_grads > 0 and "non-finite" in caplog.text
     assert np.isfinite(out.images).all()
@@ -324,7 +324,7 @@ def test_save_and_load_round_trip(ddim_pipes, tmp_path):
 
 
 def test_guided_sample_job_writes_grid_and_summary(tmp_path):
-    from improve.guided_sample import main
+    from rahf.improve.guided_sample import main
 
     tiny_sd_pipeline(0).save_pretrained(tmp_path / "sd")
     tiny_rahf_model().save_pretrained(tmp_path / "rahf")
@@ -373,7 +373,7 @@ def test_guided_sample_job_writes_grid_and_summary(tmp_path):
 
 
 def test_guidance_report_for_the_demo(tmp_path):
-    from improve.guided_sample import guidance_report
+    from rahf.improve.guided_sample import guidance_report
 
     tiny_rahf_model().save_pretrained(tmp_path / "rahf")
     tiny_rahf_processor().save_pretrained(tmp_path / "rahf")

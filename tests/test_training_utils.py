@@ -110,7 +110,7 @@ def test_non_finite_numbers_are_refused_where_they_enter(value):
     with pytest.raises(ValueError, match=r"`adam_epsilon` must be a finite number"):
         RAHFTrainingArguments(adam_epsilon=float(value))
 
-    from improve.best_of_n import BestOfNArguments
+    from rahf.improve.best_of_n import BestOfNArguments
 
     with pytest.raises(ValueError, match=r"`threshold` must be a finite number"):
         BestOfNArguments(threshold=float(value))
