@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from rahf.pipelines.inpaint_cli import from_inpaint_pipe  # noqa: E402
+from rahf.pipelines.auto import from_inpaint_pipe  # noqa: E402
 
 from rahf import RAHFConfig, RAHFModel, RAHFProcessor  # noqa: E402
 from rahf.tokenization import build_offline_tokenizer  # noqa: E402

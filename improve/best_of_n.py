@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,20 +42,26 @@ import torch
 from PIL import Image
 from rahf.pipelines.loading import dtype_kwarg
 
-from rahf.job_args import check_finite_numbers, parse_weight_spec, read_prompt_records
+from rahf.job_args import (
+    MIXED_PRECISIONS,
+    check_finite_numbers,
+    parse_job_args,
+    read_prompt_records,
+    resolve_mixed_precision,
+    uses_cpu_processes,
+)
 from rahf.pretrained_paths import resolve_pretrained_path
-
-from ._args import MIXED_PRECISIONS, parse_job_args, resolve_mixed_precision, uses_cpu_processes
+from rahf.reward import RewardFn, load_reward, parse_reward, score_table
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BestOfNArguments",
-    "build_reward_fn",
     "derive_seed",
+    "generate_images",
+    "load_text_to_image_pipeline",
     "main",
     "parse_best_of_n_args",
-    "parse_reward_spec",
     "read_prompts",
     "run_best_of_n",
 ]
@@ -153,7 +158,7 @@ class BestOfNArguments:
             raise ValueError(f"`resolution` must be at least 8 pixels or unset, got {self.resolution!r}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
-        parse_reward_spec(self.reward)  # fails early on a malformed mix
+        parse_reward(self.reward)  # fails early on a malformed mix
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k in _IDENTITY_FIELDS}
@@ -188,53 +193,6 @@ def read_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
 def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """The seed of image `image_index` of prompt `prompt_index`: a 31-bit int that depends on nothing else."""
     return int(np.random.SeedSequence([int(seed), int(prompt_index), int(image_index)]).generate_state(1)[0] >> 1)
-
-
-def parse_reward_spec(spec: str | dict[str, float]) -> str | dict[str, float]:
-    """`"overall"` -> `"overall"`; `"plausibility=0.5,aesthetics=0.5"` -> `{"plausibility": 0.5, "aesthetics": 0.5}`."""
-    return parse_weight_spec(spec, "reward", "plausibility=0.5,aesthetics=0.5")
-
-
-RewardFn = Callable[[Sequence[Image.Image], Sequence[str], Any], tuple[torch.Tensor, dict[str, Any]]]
-
-
-def _registry_spec(spec: str | dict[str, float]) -> str | dict[str, float]:
-    # In a mix, "-implausibility=0.5" means minus the mean heat: the registry's weights name the output itself.
-    from .reward import signed_weights
-
-    return spec if isinstance(spec, str) else signed_weights(spec)
-
-
-def build_reward_fn(spec: str | dict[str, float], reward_model: str, device: str | torch.device | None = None,
-                    batch_size: int = 16) -> RewardFn:
-    """The `rahf.improve.reward` registry's reward `fn(images, prompts, metadata) -> (scores (B,), info)` named by `spec`
-    (a name or a weighted mix, see `parse_reward_spec`), on a RAHF model folder, run without gradients."""
-    from rahf import RichFeedbackPredictor
-
-    from .reward import get_reward
-
-    if not reward_model or not Path(reward_model).is_dir():
-        raise ValueError(f"`reward_model` {reward_model!r} is not a folder; pass a RAHF model folder (save_pretrained)")
-    predictor = RichFeedbackPredictor.from_pretrained(reward_model, device=device, batch_size=batch_size)
-    reward = get_reward(_registry_spec(parse_reward_spec(spec)), reward_model=predictor)
-
-    def no_grad_reward(images, prompts, metadata=None):
-        with torch.no_grad():
-            return reward(images, prompts, metadata)
-
-    return no_grad_reward
-
-
-def _score_table(info: dict[str, Any], count: int) -> dict[str, list[float]]:
-    """Every per-image value in `info["scores"]` (by name) and `info["heatmap_means"]` (as `<name>_mean`), as floats."""
-    table: dict[str, list[float]] = {}
-    sources = [("", info.get("scores") or {}), ("_mean", info.get("heatmap_means") or {})]
-    for suffix, values_by_name in sources:
-        for name, values in values_by_name.items():
-            values = torch.as_tensor(values).detach().float().reshape(-1).cpu()
-            if values.numel() == count:
-                table[f"{name}{suffix}"] = [float(v) for v in values]
-    return table
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -379,7 +337,10 @@ def _takes_generator_list(pipe) -> bool:
     return hasattr(pipe, "prepare_latents")
 
 
-def _generate(pipe, prompt: str, seeds: list[int], args: BestOfNArguments, device: torch.device) -> list[Image.Image]:
+def generate_images(
+    pipe, prompt: str, seeds: list[int], args: BestOfNArguments, device: torch.device
+) -> list[Image.Image]:
+    """One image per seed for `prompt`, with the generation settings of `args` (as many per call as `batch_size`)."""
     kwargs: dict[str, Any] = {"num_inference_steps": args.num_inference_steps, "output_type": "pil"}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
@@ -409,7 +370,7 @@ def _process_prompt(
     prompt = record["prompt"]
     n = args.num_images_per_prompt
     seeds = [derive_seed(args.seed, prompt_index, i) for i in range(n)]
-    images = _generate(pipe, prompt, seeds, args, device)
+    images = generate_images(pipe, prompt, seeds, args, device)
     metadata = {**record, "prompt_index": prompt_index, "image_index": list(range(n)), "seed": seeds}
     rewards_list: list[float] = []
     table: dict[str, list[float]] = {}
@@ -418,7 +379,7 @@ def _process_prompt(
         part = {**metadata, "image_index": metadata["image_index"][sl], "seed": seeds[sl]}
         rewards, info = reward_fn(images[sl], [prompt] * len(images[sl]), part)
         rewards_list += [float(v) for v in torch.as_tensor(rewards).detach().float().reshape(-1).cpu()]
-        for name, values in _score_table(info, len(images[sl])).items():
+        for name, values in score_table(info, len(images[sl])).items():
             table.setdefault(name, []).extend(values)
     table = {k: v for k, v in table.items() if len(v) == n}
     order = sorted(range(n), key=lambda i: (-rewards_list[i], i))  # best first; ties: the lower image index
@@ -589,8 +550,7 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         if reward_fn is None:
-            reward_fn = build_reward_fn(args.reward, args.reward_model, device=device,
-                                        batch_size=args.reward_batch_size)
+            reward_fn = load_reward(args.reward, args.reward_model, device=device, batch_size=args.reward_batch_size)
         work_log = output_dir / WORK_LOG_DIR / f"rank{state.process_index}.jsonl"
         bar = tqdm(mine, desc=f"best-of-{args.num_images_per_prompt} [rank {state.process_index}]", unit="prompt",
                    position=state.process_index)

@@ -45,19 +45,26 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from rahf.job_args import check_finite_numbers
+from rahf.job_args import (
+    MIXED_PRECISIONS,
+    check_finite_numbers,
+    parse_job_args,
+    resolve_mixed_precision,
+    uses_cpu_processes,
+)
+from rahf.reward import load_reward, score_table
 from rahf.training_utils import (
+    DIFFUSERS_LR_SCHEDULES,
     EpochShuffleSampler,
     NonFiniteGuard,
+    build_lr_scheduler,
+    build_optimizer,
     build_trackers,
     check_finite_parameters,
     checkpoint_step,
-    list_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-
-from ._args import MIXED_PRECISIONS, parse_job_args, resolve_mixed_precision, uses_cpu_processes
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,6 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "LoRAFineTuneArguments",
     "get_lora_state_dict",
-    "list_checkpoints",
     "load_lora_into_pipeline",
     "lora_checksum",
     "main",
@@ -76,7 +82,7 @@ __all__ = [
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LR_SCHEDULERS = tuple(DIFFUSERS_LR_SCHEDULES)
 DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -476,19 +482,6 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _build_optimizer(params: list[torch.nn.Parameter], args: LoRAFineTuneArguments, learning_rate: float):
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ValueError("`use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`") from err
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Losses
 
@@ -561,7 +554,6 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
                               "width": size, "output_type": "pil"}
     if args.validation_guidance_scale is not None:
         kwargs["guidance_scale"] = args.validation_guidance_scale
-    from .best_of_n import _score_table
 
     rows = []
     devices = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []
@@ -578,7 +570,7 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
         if reward_fn is not None:
             rewards, info = reward_fn(images, [prompt] * len(images), None)
             scores = [float(v) for v in torch.as_tensor(rewards).float().reshape(-1)]
-            table = _score_table(info, len(images))
+            table = score_table(info, len(images))
         for j, (image, seed) in enumerate(zip(images, seeds)):
             name = f"{p:02d}-{j:02d}.png"
             image.save(folder / name)
@@ -615,12 +607,11 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
-    from .best_of_n import build_reward_fn, load_text_to_image_pipeline
+    from .best_of_n import load_text_to_image_pipeline
 
     output_dir = Path(args.output_dir)
     logging_dir = output_dir / args.logging_dir
@@ -698,15 +689,17 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = _build_optimizer(lora_params, args, learning_rate)
+    optimizer = build_optimizer(lora_params, learning_rate=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                use_8bit_adam=args.use_8bit_adam)
     denoiser_ddp, optimizer, dataloader = accelerator.prepare(denoiser, optimizer, dataloader)
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     # accelerate steps a prepared scheduler once per process per optimizer step: count in those units.
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+    lr_scheduler = accelerator.prepare(build_lr_scheduler(
+        optimizer, args.lr_scheduler, args.lr_warmup_steps, max_train_steps, num_processes=accelerator.num_processes,
+        schedule_names=DIFFUSERS_LR_SCHEDULES,
     ))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -715,7 +708,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
                                                        for k, v in args.to_dict().items()})
     reward_fn = None
     if args.reward_model and args.validation_prompts and accelerator.is_main_process:
-        reward_fn = build_reward_fn(args.reward, args.reward_model, device=accelerator.device)
+        reward_fn = load_reward(args.reward, args.reward_model, device=accelerator.device)
     logger.info("LoRA rank %d on the %s %s (%.3fM trainable parameters); %d images, %d steps of %d x %d process(es) "
                 "x %d accumulation", args.rank, kind, type(denoiser).__name__,
                 sum(p.numel() for p in lora_params) / 1e6, len(dataset), max_train_steps, args.train_batch_size,

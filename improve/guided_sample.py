@@ -27,15 +27,19 @@ from rahf.pipelines.loading import dtype_kwarg
 from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from rahf.job_args import MIXED_PRECISIONS, check_finite_numbers, read_prompt_records, resolve_mixed_precision
+from rahf.job_args import (
+    MIXED_PRECISIONS,
+    check_finite_numbers,
+    parse_job_args,
+    read_prompt_records,
+    resolve_mixed_precision,
+)
 from rahf.modeling_rahf import RAHFModel
 from rahf.predictor import RichFeedbackPredictor
 from rahf.pretrained_paths import resolve_pretrained_path
 from rahf.processing_rahf import RAHFProcessor
+from rahf.reward import get_reward, list_rewards
 from rahf.viz import image_grid
-
-from ._args import parse_job_args
-from .reward import get_reward, list_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ class GuidedSampleArguments:
     reward: str = field(
         default="aesthetics",
         metadata={
-            "help": "the reward to increase: a name of rahf.improve.reward.list_rewards(), or a mix such as "
+            "help": "the reward to increase: a name of rahf.reward.list_rewards(), or a mix such as "
             "'aesthetics=0.7,-implausibility=0.3' (write --reward=-implausibility for a leading '-')"
         },
     )

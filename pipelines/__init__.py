@@ -1,0 +1,63 @@
+"""`rahf.pipelines`: diffusers pipelines that use RAHF (inpainting that repairs what RAHF flags, sampling guided by a
+RAHF score), the heatmap-to-mask step, and picking the RAHF pipeline that fits a pipeline you have. Names are imported
+on first use.
+
+Examples:
+
+```python
+>>> from rahf.pipelines import RAHFInpaintPipeline, RAHFGuidedStableDiffusionPipeline, heatmap_to_mask
+```
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rahf._lazy import lazy_exports
+
+_EXPORTS = {
+    "RAHFInpaintPipeline": ".rahf_inpaint",
+    "RAHFInpaintPipelineOutput": ".rahf_inpaint",
+    "RAHFInpaintMixin": ".rahf_inpaint",
+    "DEFAULT_MASK_CONFIG": ".rahf_inpaint",
+    "RAHFAmusedInpaintPipeline": ".rahf_amused_inpaint",
+    "RAHFGuidedStableDiffusionPipeline": ".rahf_guided",
+    "RAHFGuidedStableDiffusionPipelineOutput": ".rahf_guided",
+    "SUPPORTED_SCHEDULERS": ".rahf_guided",
+    "MaskConfig": ".masks",
+    "heatmap_to_mask": ".masks",
+    "mask_to_pil": ".masks",
+    "override_mask_config": ".masks",
+    "from_inpaint_pipe": ".auto",
+    "rahf_inpaint_class_for": ".auto",
+}
+
+__all__ = [
+    "DEFAULT_MASK_CONFIG",
+    "MaskConfig",
+    "RAHFAmusedInpaintPipeline",
+    "RAHFGuidedStableDiffusionPipeline",
+    "RAHFGuidedStableDiffusionPipelineOutput",
+    "RAHFInpaintMixin",
+    "RAHFInpaintPipeline",
+    "RAHFInpaintPipelineOutput",
+    "SUPPORTED_SCHEDULERS",
+    "from_inpaint_pipe",
+    "heatmap_to_mask",
+    "mask_to_pil",
+    "override_mask_config",
+    "rahf_inpaint_class_for",
+]
+
+if TYPE_CHECKING:
+    from .auto import from_inpaint_pipe, rahf_inpaint_class_for
+    from .masks import MaskConfig, heatmap_to_mask, mask_to_pil, override_mask_config
+    from .rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+    from .rahf_guided import (
+        SUPPORTED_SCHEDULERS,
+        RAHFGuidedStableDiffusionPipeline,
+        RAHFGuidedStableDiffusionPipelineOutput,
+    )
+    from .rahf_inpaint import DEFAULT_MASK_CONFIG, RAHFInpaintMixin, RAHFInpaintPipeline, RAHFInpaintPipelineOutput
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

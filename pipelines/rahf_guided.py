@@ -1,7 +1,7 @@
 """Stable Diffusion sampling steered by a differentiable RAHF score (classifier guidance, as in the paper's Fig. 8c-d).
 
-`RAHFReward` turns RAHF into a differentiable reward on image tensors; `RAHFGuidedStableDiffusionPipeline` runs its own
-denoising loop so that, at the guided steps, the noise prediction moves along the reward's gradient (forward universal
+The reward is `rahf.reward.RAHFReward` (RAHF as a differentiable reward on image tensors);
+`RAHFGuidedStableDiffusionPipeline` runs its own denoising loop so that, at the guided steps, the noise prediction moves along the reward's gradient (forward universal
 guidance, Bansal et al. 2023), optionally with recurrence.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from rahf.modeling_rahf import RAHFModel
 from rahf.processing_rahf import RAHFProcessor
+from rahf.reward import RAHFReward, RewardFn
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,7 @@ __all__ = [
     "SUPPORTED_SCHEDULERS",
     "RAHFGuidedStableDiffusionPipeline",
     "RAHFGuidedStableDiffusionPipelineOutput",
-    "RAHFReward",
-    "RewardFn",
-    "rahf_pixel_values",
 ]
-
-# fn(images (B, 3, H, W) in [0, 1], prompts, metadata) -> (scores (B,), info): the one signature of every reward.
-RewardFn = Callable[[torch.Tensor, Sequence[str], "dict[str, Any] | None"], "tuple[torch.Tensor, dict[str, Any]]"]
 
 # The schedulers whose noise level at each step we know how to read; the guidance formula needs it.
 SUPPORTED_SCHEDULERS = (
@@ -85,170 +80,6 @@ EXAMPLE_DOC_STRING = """
         >>> out.images[0], out.reward_scores[0]["aesthetics"]
         ```
 """
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# RAHF as a differentiable reward
-
-
-def rahf_pixel_values(images: torch.Tensor, processor: RAHFProcessor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] -> RAHF `pixel_values`, with torch ops only so that gradients flow.
-
-    Mirrors `RAHFProcessor.preprocess_images` (bicubic resize to `image_size`, values kept in [0, 1], per-channel
-    normalisation), which works on PIL images and cannot be differentiated.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"`images` must be a (batch, 3, height, width) tensor in [0, 1], got shape {tuple(images.shape)}"
-        )
-    size = processor.image_size
-    if tuple(images.shape[-2:]) != (size, size):
-        # antialias=True matches PIL's bicubic when shrinking; the clamp matches its clipping to [0, 255].
-        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        images = images.clamp(0.0, 1.0)
-    mean = images.new_tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = images.new_tensor(processor.image_std).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-class RAHFReward:
-    r"""
-    RAHF as a differentiable reward: a weighted sum of predicted scores and heatmap means, on image tensors.
-
-    Scale: each RAHF score is a sigmoid output in [0, 1], higher is better (the canonical data set maps the 1-5 Likert
-    ratings by (s - 1) / 4); a heatmap term is the mean predicted heat in [0, 1] of a heatmap, so a weight of -1
-    (`"-implausibility"`) gives a reward in [-1, 0]. Weights are used as given (not normalised): weights that sum to 1
-    over scores keep the reward in [0, 1].
-
-    The reward model is frozen (`requires_grad_(False)`, eval mode); gradients flow to the images only. In the
-    augmented-prompt variant only the task rows the reward needs are run (plus the other scores, without gradient
-    cost to speak of, when `report_all_scores`).
-
-    Args:
-        reward_model ([`RAHFModel`]): the RAHF model (either variant).
-        reward_processor ([`RAHFProcessor`]): its processor (image size and normalisation, tokenizer, task strings).
-        weights (`dict[str, float]`): output name -> weight; names are `config.score_names` or `config.heatmap_names`.
-        report_all_scores (`bool`, *optional*, defaults to `True`): also put every score of every image in `info`, so
-            that reward hacking (one score up, the others down) is visible.
-
-    Examples:
-
-    ```python
-    >>> import torch
-    >>> from rahf.testing import tiny_rahf_model, tiny_rahf_processor
-    >>> reward = RAHFReward.from_target(tiny_rahf_model(), tiny_rahf_processor(), "aesthetics")
-    >>> images = torch.rand(2, 3, 64, 64, requires_grad=True)
-    >>> scores, info = reward(images, ["a red cat", "a blue dog"])
-    >>> scores.shape, sorted(info["scores"])
-    (torch.Size([2]), ['aesthetics', 'alignment', 'overall', 'plausibility'])
-    >>> scores.sum().backward(); images.grad.shape
-    torch.Size([2, 3, 64, 64])
-    ```
-    """
-
-    def __init__(
-        self,
-        reward_model: RAHFModel,
-        reward_processor: RAHFProcessor,
-        weights: dict[str, float],
-        report_all_scores: bool = True,
-    ):
-        if reward_model is None or reward_processor is None:
-            raise ValueError(
-                "a RAHF reward needs both `reward_model` and `reward_processor`; pass them, or a callable reward"
-            )
-        config = reward_model.config
-        known = list(config.score_names) + list(config.heatmap_names)
-        if not weights:
-            raise ValueError(f"`weights` is empty; give at least one of {known} a weight, e.g. {{'aesthetics': 1.0}}")
-        for name, weight in weights.items():
-            if name not in known:
-                raise ValueError(
-                    f"unknown RAHF output {name!r} in the reward weights; the model's outputs are {known}"
-                )
-            if not math.isfinite(float(weight)):
-                raise ValueError(f"the weight of {name!r} must be a finite number, got {weight!r}")
-        self.reward_model = reward_model.requires_grad_(False).eval()
-        self.reward_processor = reward_processor
-        self.weights = {name: float(w) for name, w in weights.items()}
-        self.report_all_scores = bool(report_all_scores)
-        self._encoded: dict[tuple, dict[str, torch.Tensor]] = {}
-
-    @classmethod
-    def from_target(
-        cls, reward_model: RAHFModel, reward_processor: RAHFProcessor, target: str | dict[str, float], **kwargs
-    ) -> RAHFReward:
-        """`"aesthetics"` (a score), `"-implausibility"` (minus a heatmap's mean; `-` negates any output) or a dict of
-        weights such as `{"aesthetics": 0.5, "implausibility": -0.5}`."""
-        if isinstance(target, dict):
-            return cls(reward_model, reward_processor, dict(target), **kwargs)
-        if not isinstance(target, str):
-            raise TypeError(f"a RAHF reward target is a str or a dict of weights, got {type(target).__name__}")
-        sign, name = (-1.0, target[1:]) if target.startswith("-") else (1.0, target)
-        config = reward_model.config
-        known = list(config.score_names) + [f"-{h}" for h in config.heatmap_names]
-        if name not in list(config.score_names) + list(config.heatmap_names):
-            raise ValueError(f"unknown RAHF reward {target!r}; use one of {known}, or a dict of weights")
-        return cls(reward_model, reward_processor, {name: sign}, **kwargs)
-
-    @property
-    def tasks(self) -> list[str]:
-        """The model tasks one call runs, in model order."""
-        config = self.reward_model.config
-        wanted = set(self.weights) | (set(config.score_names) if self.report_all_scores else set())
-        return [t for t in config.task_names if t in wanted]
-
-    def _encode(self, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        # A guided run asks about the same prompts at every step: tokenize them once.
-        key = (tuple(prompts), tuple(self.tasks), str(device))
-        if key not in self._encoded:
-            self._encoded = {
-                key: {k: v.to(device) for k, v in self.reward_processor.encode_prompts(prompts, self.tasks).items()}
-            }
-        return self._encoded[key]
-
-    def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: dict[str, Any] | None = None
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Scores images (B, 3, H, W) in [0, 1] against their prompts.
-
-        Returns:
-            `scores` (`torch.Tensor` of shape `(B,)`, float32, differentiable w.r.t. `images`) and `info`: `"scores"`
-            (score name -> `(B,)` detached tensor; all scores when `report_all_scores`, else those weighted) and
-            `"heatmap_means"` (heatmap name -> `(B,)` detached tensor, for the weighted heatmaps).
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts] * images.shape[0]
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images and {len(prompts)} prompts: pass one prompt per image")
-        model = self.reward_model
-        param = next(model.parameters())
-        pixel_values = rahf_pixel_values(images.to(param.device, torch.float32), self.reward_processor).to(param.dtype)
-        out = model(pixel_values=pixel_values, **self._encode(prompts, param.device))
-        config = model.config
-        scores = out.scores.float()  # (B, num_scores), NaN where a task was not run
-        heatmaps = out.heatmaps.float()  # (B, num_heatmaps, S, S)
-        reward = scores.new_zeros(images.shape[0])
-        heatmap_means: dict[str, torch.Tensor] = {}
-        for name, weight in self.weights.items():
-            if name in config.score_names:
-                term = scores[:, config.score_names.index(name)]
-            else:
-                term = heatmaps[:, config.heatmap_names.index(name)].mean(dim=(1, 2))
-                heatmap_means[name] = term.detach()
-            reward = reward + weight * term
-        reported = (
-            config.score_names if self.report_all_scores else [n for n in config.score_names if n in self.weights]
-        )
-        info = {
-            "scores": {name: scores[:, config.score_names.index(name)].detach() for name in reported},
-            "heatmap_means": heatmap_means,
-        }
-        return reward, info
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(weights={self.weights}, variant={self.reward_model.config.variant!r})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -669,7 +500,7 @@ class RAHFGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 What to increase: a RAHF score name (`"plausibility"`, `"alignment"`, `"aesthetics"`, `"overall"`),
                 minus a heatmap's mean (`"-implausibility"`, `"-misalignment"`), a dict of weights, or any callable
                 `fn(images, prompts, metadata) -> (scores, info)` differentiable in `images` (B, 3, H, W) in [0, 1]
-                (e.g. from `rahf.improve.reward.get_reward`).
+                (e.g. from `rahf.reward.get_reward`).
             reward_prompt (`str` or `list[str]`, *optional*): the text RAHF rates the images against; defaults to
                 `prompt`.
             reward_guidance_scale (`float`, *optional*, defaults to 0.0): strength of the guidance; 0 turns it off

@@ -5,8 +5,9 @@ Names are imported lazily, so that `rahf data ...` and other light commands star
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -19,12 +20,22 @@ _EXPORTS = {
     "load_image": ".processing_rahf",
     "RichFeedback": ".predictor",
     "RichFeedbackPredictor": ".predictor",
+    "predict_to_folder": ".predictor",
+    "init_model": ".init_model",
+    "RAHFReward": ".reward",
+    "get_reward": ".reward",
+    "list_rewards": ".reward",
     "decode_keyword_indices": ".keywords",
     "encode_keyword_target": ".keywords",
     "split_prompt_words": ".keywords",
 }
 
 __all__ = [
+    "RAHFReward",
+    "get_reward",
+    "init_model",
+    "list_rewards",
+    "predict_to_folder",
     "RAHFConfig",
     "RAHFModel",
     "RAHFOutput",
@@ -40,19 +51,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .configuration_rahf import RAHFConfig
+    from .init_model import init_model
     from .keywords import decode_keyword_indices, encode_keyword_target, split_prompt_words
     from .modeling_rahf import RAHFModel, RAHFOutput, RAHFPreTrainedModel
-    from .predictor import RichFeedback, RichFeedbackPredictor
+    from .predictor import RichFeedback, RichFeedbackPredictor, predict_to_folder
     from .processing_rahf import RAHFProcessor, load_image
+    from .reward import RAHFReward, get_reward, list_rewards
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -27,7 +27,6 @@ __all__ = [
     "check_finite_numbers",
     "load_yaml_defaults",
     "parse_job_args",
-    "parse_weight_spec",
     "read_prompt_records",
     "resolve_mixed_precision",
     "uses_cpu_processes",
@@ -152,30 +151,6 @@ def uses_cpu_processes() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mlu_available())
-
-
-def parse_weight_spec(spec: str | dict[str, float], flag: str, example: str) -> str | dict[str, float]:
-    """A name (`"overall"`) stays a name; `"plausibility=0.5, aesthetics=0.5"` becomes `{name: weight}`, names kept as
-    written (a leading `-` included: what it means is up to the caller). `flag` and `example` go into the error."""
-    if isinstance(spec, dict):
-        return {str(k): float(v) for k, v in spec.items()}
-    spec = str(spec).strip()
-    if "=" not in spec and "," not in spec:
-        if not spec:
-            raise ValueError(f"`{flag}` is empty; pass a name, or name=weight pairs such as {example!r}")
-        return spec
-    weights: dict[str, float] = {}
-    for part in spec.split(","):
-        name, sep, weight = (x.strip() for x in part.partition("="))
-        try:
-            if not sep or not name.lstrip("-"):
-                raise ValueError(part)
-            weights[name] = weights.get(name, 0.0) + float(weight)
-        except ValueError as err:
-            raise ValueError(
-                f"`{flag}` {spec!r}: {part.strip()!r} is not NAME=WEIGHT; write e.g. {example!r}"
-            ) from err
-    return weights
 
 
 def read_prompt_records(path: str | os.PathLike, flag: str = "--prompts_file") -> list[dict[str, Any]]:

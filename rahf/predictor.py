@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -298,4 +300,83 @@ class RichFeedbackPredictor:
         return results
 
 
-__all__ = ["RichFeedback", "RichFeedbackPredictor", "as_image_prompt_lists", "check_batch_size", "fill_feedback"]
+__all__ = [
+    "EXAMPLE_IMAGE",
+    "EXAMPLE_PROMPT",
+    "RichFeedback",
+    "RichFeedbackPredictor",
+    "as_image_prompt_lists",
+    "check_batch_size",
+    "fill_feedback",
+    "predict_to_folder",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Folders of feedback (`rahf predict`)
+
+# An example input that ships with rahf (the demo rates it).
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+EXAMPLE_PROMPT = "a red circle above a blue square on a wooden table"
+
+
+
+def predict_to_folder(
+    model: str,
+    images: list[str],
+    prompts: list[str],
+    out: str,
+    device: str | None = None,
+    batch_size: int = 8,
+    max_image_pixels: int | None = None,
+) -> list[dict]:
+    """Runs the predictor and writes, per image, `feedback.json`, the two heatmap PNGs and `overlay.png`.
+
+    Every argument is checked before the model loads; images above `max_image_pixels` pixels (default: 40 MP, or
+    `RAHF_MAX_IMAGE_PIXELS`) are refused from their header, before they are decoded.
+    """
+    from .image_io import ImageTooLargeError
+    from .image_io import max_image_pixels as resolve_max_image_pixels
+    from .pretrained_paths import resolve_pretrained_path
+    from .processing_rahf import check_prompts
+    from .viz import heatmap_to_image, overlay_heatmaps
+
+    check_batch_size(batch_size, "--batch_size")
+    cap = resolve_max_image_pixels(max_image_pixels)
+    folder = resolve_pretrained_path(model, "--model", what="a saved model folder", allow_hub=False)
+    if not images:
+        raise ValueError("no --image given: pass at least one image file")
+    if len(prompts) not in (1, len(images)):
+        raise ValueError(
+            f"got {len(images)} images and {len(prompts)} --prompt values: give one prompt for all images, or one "
+            "per image"
+        )
+    try:
+        check_prompts(prompts)
+    except ValueError as err:
+        raise ValueError(f"--prompt: {err}") from None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"`--out` {out!r} is a file; pass a folder (each image gets OUT/<stem>/)")
+    stems = [Path(p).stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"--image names must have distinct stems (each gets a folder OUT/<stem>/), got {stems}")
+    try:
+        loaded = [load_image(p, max_pixels=cap) for p in images]  # fails early, naming the file that is not an image
+    except ImageTooLargeError as err:
+        raise ImageTooLargeError(f"{err} (here: --max_image_pixels N)") from None
+    predictor = RichFeedbackPredictor.from_pretrained(
+        folder, device=device, batch_size=batch_size, max_image_pixels=cap
+    )
+    feedbacks = predictor(loaded, prompts, show_progress=len(images) > batch_size)
+    summaries = []
+    for stem, image, feedback in zip(stems, loaded, feedbacks):
+        folder = Path(out) / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        summary = feedback.to_dict()
+        (folder / "feedback.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for name, heat in feedback.heatmaps.items():
+            heatmap_to_image(heat).save(folder / f"{name}.png")
+        overlay_heatmaps(image, feedback.heatmaps).save(folder / "overlay.png")
+        summaries.append(summary)
+    logger.info("wrote feedback on %d image(s) to %s", len(images), out)
+    return summaries

@@ -22,8 +22,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,48 +32,38 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from .configs import resolve_config_path
+from .calibration import calibrate_keyword_threshold
 from .configuration_rahf import KEYWORDS_TASK
 from .job_args import resolve_mixed_precision, uses_cpu_processes
 from .training_args import RAHFTrainingArguments, parse_training_args
 from .training_utils import (
     TRAINING_STATE_NAME,
     EpochShuffleSampler,
-    JsonlTracker,
     NonFiniteGuard,
     NonFiniteTrainingError,
     atomic_directory,
+    build_lr_scheduler,
+    build_optimizer,
     build_trackers,
     check_finite_parameters,
     checkpoint_step,
     json_value,
-    list_checkpoints,
     parameters_checksum,
-    prune_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
     truncate_log,
 )
 
 if TYPE_CHECKING:
-    from accelerate import PartialState
+    pass
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EpochShuffleSampler",
-    "JsonlTracker",
     "MODEL_BUILDERS",
-    "build_lr_scheduler",
     "build_model_and_processor",
-    "build_optimizer",
-    "calibrate_keyword_threshold",
     "evaluate",
-    "keyword_scores_at_thresholds",
-    "list_checkpoints",
     "main",
-    "parameters_checksum",
-    "prune_checkpoints",
     "register_model_type",
     "train",
 ]
@@ -118,7 +107,7 @@ def register_model_type(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 @register_model_type("rahf")
 def _build_rahf(args: RAHFTrainingArguments):
-    from .configuration_rahf import RAHFConfig
+    from .init_model import build_rahf_model, read_model_preset
     from .modeling_rahf import RAHFModel
     from .processing_rahf import RAHFProcessor
 
@@ -132,14 +121,9 @@ def _build_rahf(args: RAHFTrainingArguments):
         return model, RAHFProcessor.from_pretrained(args.pretrained_model_name_or_path)
     if not args.model_config:
         raise ValueError("pass `--model_config` (a configs/model/*.json preset) or `--pretrained_model_name_or_path`")
-    preset = json.loads(resolve_config_path(args.model_config, "model_config").read_text())
-    if args.variant is not None:
-        preset["variant"] = args.variant
-    config = RAHFConfig.from_dict(preset)
-    if config.vision_model_name_or_path or config.text_model_name_or_path:
-        model = RAHFModel.from_pretrained_towers(config)
-    else:
-        model = RAHFModel(config)
+    overrides = {"variant": args.variant} if args.variant is not None else {}
+    config = read_model_preset(args.model_config, "model_config", **overrides)
+    model = build_rahf_model(config)
     return model, RAHFProcessor.from_config(model.config)
 
 
@@ -160,98 +144,6 @@ def build_model_and_processor(args: RAHFTrainingArguments) -> tuple[torch.nn.Mod
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data order, optimizer, schedules
-
-
-def build_optimizer(model: torch.nn.Module, args: RAHFTrainingArguments, learning_rate: float):
-    """AdamW (or bitsandbytes AdamW8bit); no weight decay on biases and normalisation weights (1-D parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": args.adam_weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs = {"lr": learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ValueError(
-                "`use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or `pip install rahf[bnb]`)"
-            ) from err
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-def _per_optimizer_step(step: float, *, factor: Callable[[float], float], num_processes: int) -> float:
-    # accelerate steps a prepared scheduler once per process at each optimizer step (split_batches=False).
-    return factor(step / num_processes)
-
-
-def _warmup(step: float, warmup: int) -> float | None:
-    return step / warmup if step < warmup else None
-
-
-def _cosine_factor(step: float, *, warmup: int, total: int, floor: float) -> float:
-    ramp = _warmup(step, warmup)
-    if ramp is not None:
-        return ramp
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _rsqrt_factor(step: float, *, warmup: int, timescale: int) -> float:
-    ramp = _warmup(step, warmup)
-    if ramp is not None:
-        return ramp
-    return math.sqrt(timescale / (step + timescale - warmup))
-
-
-def _constant_factor(step: float, *, warmup: int) -> float:
-    ramp = _warmup(step, warmup)
-    return 1.0 if ramp is None else ramp
-
-
-def _linear_factor(step: float, *, warmup: int, total: int) -> float:
-    ramp = _warmup(step, warmup)
-    return ramp if ramp is not None else max(0.0, (total - step) / max(1, total - warmup))
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    name: str,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    lr_end: float = 0.0,
-    num_processes: int = 1,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule, in optimizer steps, with a linear warm-up from 0 to the optimizer's lr (the peak).
-
-    - `cosine`: half a cosine from the peak down to `lr_end` at `num_training_steps` (the re-implementation's
-      2e-5 -> 1e-5), then flat;
-    - `rsqrt`: T5X-style reciprocal square root, `peak * sqrt(warmup / step)` after warm-up (with no warm-up,
-      `peak * sqrt(10_000 / (step + 10_000))`);
-    - `constant`: the peak after warm-up; `linear`: linear decay to 0 at `num_training_steps`.
-
-    The factors are module-level functions under `functools.partial`, so the scheduler pickles and its state dict
-    (saved in checkpoints) holds only step counts: a resumed run may change the schedule's length. Pass
-    `num_processes` when accelerate prepares the scheduler: it then steps it once per process per optimizer step.
-    """
-    peak = optimizer.defaults["lr"]
-    if name == "cosine":
-        factor = partial(_cosine_factor, warmup=num_warmup_steps, total=num_training_steps, floor=lr_end / peak)
-    elif name == "rsqrt":
-        factor = partial(_rsqrt_factor, warmup=num_warmup_steps, timescale=num_warmup_steps or 10_000)
-    elif name == "constant":
-        factor = partial(_constant_factor, warmup=num_warmup_steps)
-    elif name == "linear":
-        factor = partial(_linear_factor, warmup=num_warmup_steps, total=num_training_steps)
-    else:
-        raise ValueError(f"unknown `lr_scheduler` {name!r}; choose cosine, rsqrt, constant or linear")
-    if num_processes != 1:
-        factor = partial(_per_optimizer_step, factor=factor, num_processes=num_processes)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -495,7 +387,15 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(model, args, learning_rate)
+    optimizer = build_optimizer(
+        model.parameters(),
+        learning_rate=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        use_8bit_adam=args.use_8bit_adam,
+        decay_1d=False,  # no weight decay on biases and normalisation weights
+    )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
@@ -731,107 +631,6 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     accelerator.end_training()
     accelerator.free_memory()
     return {"global_step": global_step, "final_dir": str(final_dir), "validation": last_validation}
-
-
-KEYWORD_THRESHOLDS = (0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
-
-
-@torch.no_grad()
-def _keyword_predictions(
-    model, processor, split, thresholds: Sequence[float | None], batch_size: int
-) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """(ground-truth misaligned word indices per record, per threshold the predicted ones) on `split`. The model's own
-    `keyword_threshold` and train/eval mode are left as they were."""
-    from .evaluation import misaligned_indices
-    from .predictor import RichFeedbackPredictor
-
-    config = model.config
-    was_training, saved = model.training, config.keyword_threshold
-    config.keyword_threshold = None  # the predictor's threshold decides, and None there means greedy
-    predictor = RichFeedbackPredictor(model, processor, batch_size=batch_size)
-    images = [image.convert("RGB") for image in split["image"]]
-    prompts = list(split["prompt"])
-    gt = [misaligned_indices(labels) for labels in split["word_labels"]]
-    predictions = []
-    try:
-        for threshold in thresholds:
-            predictor.keyword_threshold = threshold
-            feedback = predictor(images, prompts, outputs=[KEYWORDS_TASK]) if images else []
-            predictions.append([list(f.misaligned_word_indices) for f in feedback])
-    finally:
-        config.keyword_threshold = saved
-        model.train(was_training)
-    return gt, predictions
-
-
-def _score_table(gt, predictions, thresholds) -> list[dict[str, Any]]:
-    from .metrics import keyword_prf
-
-    table = []
-    for threshold, predicted in zip(thresholds, predictions):
-        precision, recall, f1 = keyword_prf(predicted, gt)
-        table.append({"threshold": threshold, "precision": precision, "recall": recall, "f1": f1})
-    return table
-
-
-def keyword_scores_at_thresholds(
-    model, processor, split, thresholds: Sequence[float | None] = (None,), batch_size: int = 64
-) -> list[dict[str, Any]]:
-    """Keyword precision / recall / F1 on `split` for each decoding in `thresholds` (None: greedy) ->
-    `[{"threshold", "precision", "recall", "f1"}, ...]`. The model's own `keyword_threshold` and train/eval mode are
-    left as they were."""
-    gt, predictions = _keyword_predictions(model, processor, split, thresholds, batch_size)
-    return _score_table(gt, predictions, thresholds)
-
-
-def calibrate_keyword_threshold(
-    model,
-    processor,
-    split,
-    thresholds: Sequence[float] = KEYWORD_THRESHOLDS,
-    batch_size: int = 64,
-    state: PartialState | None = None,
-) -> dict[str, Any] | None:
-    """Picks the keyword decoding of best F1 on a held-out split and sets it as `model.config.keyword_threshold`.
-
-    Greedy decoding (`None`, the paper's) and each marker threshold in `thresholds` decode the split's keywords;
-    the best F1 wins, greedy on ties. Returns `{"threshold", "f1", "f1_greedy", "num_records", "table"}`, or `None`
-    for a model that writes no keywords. Run it on a validation split, never on the split you report.
-
-    With a `state` of several processes, call it on every process: each decodes its contiguous shard of the split,
-    the predictions are gathered, and every process sets the same threshold.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "rahf" or KEYWORDS_TASK not in config.task_names:
-        return None
-    decodings = (None, *thresholds)
-    num_processes = state.num_processes if state is not None else 1
-    if num_processes > 1:
-        from accelerate.utils import gather_object
-
-        shard = split.shard(num_shards=num_processes, index=state.process_index, contiguous=True)
-        gt, predictions = _keyword_predictions(model, processor, shard, decodings, batch_size)
-        # One object per process (lists of different lengths), gathered in process order: the split's order.
-        shards = gather_object([(gt, predictions)])
-        gt = [g for shard_gt, _ in shards for g in shard_gt]
-        predictions = [[p for _, shard_pred in shards for p in shard_pred[k]] for k in range(len(decodings))]
-    else:
-        gt, predictions = _keyword_predictions(model, processor, split, decodings, batch_size)
-    table = _score_table(gt, predictions, decodings)
-    best = max(table, key=lambda row: row["f1"])  # first maximum: greedy wins ties, then higher thresholds
-    config.keyword_threshold = best["threshold"]
-    logger.info(
-        "keyword decoding on %d validation records: greedy F1 %.3f; %s F1 %.3f -> config.keyword_threshold = %s",
-        len(gt), table[0]["f1"], "best threshold" if best["threshold"] else "greedy is best,", best["f1"],
-        best["threshold"],
-    )
-    return {
-        "threshold": best["threshold"],
-        "f1": best["f1"],
-        "f1_greedy": table[0]["f1"],
-        "num_records": len(gt),
-        "table": table,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .job_args import MIXED_PRECISIONS, check_finite_numbers, parse_job_args
+from .training_utils import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LR_SCHEDULERS", "MIXED_PRECISIONS", "REPORT_TO", "RAHFTrainingArguments", "parse_training_args"]
 
-LR_SCHEDULERS = ("cosine", "rsqrt", "constant", "linear")
+LR_SCHEDULERS = tuple(LR_SCHEDULES)
 REPORT_TO = ("jsonl", "tensorboard", "all")
 
 

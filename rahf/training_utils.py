@@ -50,7 +50,11 @@ __all__ = [
     "NonFiniteGuard",
     "NonFiniteTrainingError",
     "TRAINING_STATE_NAME",
+    "DIFFUSERS_LR_SCHEDULES",
+    "LR_SCHEDULES",
     "atomic_directory",
+    "build_lr_scheduler",
+    "build_optimizer",
     "build_trackers",
     "check_finite_parameters",
     "checkpoint_step",
@@ -398,6 +402,97 @@ def check_finite_parameters(model: torch.nn.Module, what: str) -> None:
         raise NonFiniteTrainingError(
             f"refusing to save {what}: {len(bad)} parameter tensor(s) are not finite (e.g. {bad[:3]})"
         )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+# rahf's schedule names -> transformers' (`transformers.get_scheduler`), which all warm up linearly from 0.
+LR_SCHEDULES = {
+    "cosine": "cosine_with_min_lr",  # half a cosine from the peak to `lr_end`
+    "rsqrt": "inverse_sqrt",  # T5X-style reciprocal square root after warm-up
+    "constant": "constant_with_warmup",
+    "linear": "linear",  # to 0 at the last step
+}
+# diffusers' training scripts name transformers' schedules as they are (`--lr_scheduler constant` has no warm-up).
+DIFFUSERS_LR_SCHEDULES = {
+    name: name
+    for name in ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+}
+
+
+def build_optimizer(
+    parameters,
+    *,
+    learning_rate: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    use_8bit_adam: bool = False,
+    decay_1d: bool = True,
+) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit with `use_8bit_adam`) over the trainable ones of `parameters`.
+
+    With `decay_1d=False`, 1-D parameters (biases, normalisation weights) get no weight decay, as transformers' own
+    trainer does; LoRA fine-tuning decays every parameter, as diffusers' scripts do.
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if decay_1d:
+        groups: list[dict[str, Any]] = [{"params": params, "weight_decay": weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+    kwargs = {"lr": learning_rate, "betas": tuple(betas), "eps": eps}
+    if use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError(
+                "`use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or `pip install rahf[bnb]`)"
+            ) from err
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    lr_end: float = 0.0,
+    num_processes: int = 1,
+    schedule_names: dict[str, str] = LR_SCHEDULES,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`transformers.get_scheduler` under rahf's schedule names (`LR_SCHEDULES`; `DIFFUSERS_LR_SCHEDULES` for the
+    names of diffusers' scripts), counted in optimizer steps.
+
+    - `cosine`: half a cosine from the optimizer's lr (the peak) down to `lr_end` at `num_training_steps`;
+    - `rsqrt`: T5X-style reciprocal square root, `peak * sqrt(warmup / step)` after warm-up (with no warm-up,
+      `peak * sqrt(10_000 / (step + 10_000))`);
+    - `constant`: the peak after warm-up; `linear`: linear decay to 0 at `num_training_steps`.
+
+    Pass `num_processes` when accelerate prepares the scheduler: it then steps it once per process per optimizer
+    step, so every length is counted in those units.
+    """
+    from transformers import get_scheduler
+
+    if name not in schedule_names:
+        raise ValueError(f"unknown `lr_scheduler` {name!r}; choose one of {list(schedule_names)}")
+    kind = schedule_names[name]
+    specific: dict[str, Any] = {}
+    if kind == "cosine_with_min_lr":
+        specific["min_lr"] = lr_end
+    elif kind == "inverse_sqrt":
+        specific["timescale"] = (num_warmup_steps or 10_000) * num_processes
+    return get_scheduler(
+        kind,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps * num_processes,
+        num_training_steps=num_training_steps * num_processes,
+        scheduler_specific_kwargs=specific or None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ from rahf.improve import best_of_n
 from rahf.improve.best_of_n import (
     derive_seed,
     parse_best_of_n_args,
-    parse_reward_spec,
     read_prompts,
     run_best_of_n,
 )
+
+from rahf.reward import parse_reward
 
 N = 4
 
@@ -83,12 +84,11 @@ def test_prompts_files_and_reward_specs(tmp_path):
     with pytest.raises(ValueError, match="prompts_file"):
         read_prompts(tmp_path / "missing.txt")
 
-    assert parse_reward_spec("overall") == "overall"
-    assert parse_reward_spec("plausibility=0.5, aesthetics=0.25") == {"plausibility": 0.5, "aesthetics": 0.25}
-    assert best_of_n._registry_spec({"aesthetics": 1.0, "-implausibility": 0.5}) == {"aesthetics": 1.0,
-                                                                                     "implausibility": -0.5}
+    assert parse_reward("overall") == "overall"
+    assert parse_reward("plausibility=0.5, aesthetics=0.25") == {"plausibility": 0.5, "aesthetics": 0.25}
+    assert parse_reward({"aesthetics": 1.0, "-implausibility": 0.5}) == {"aesthetics": 1.0, "implausibility": -0.5}
     with pytest.raises(ValueError, match="NAME=WEIGHT"):
-        parse_reward_spec("plausibility=high")
+        parse_reward("plausibility=high")
     # Seeds depend on (seed, prompt, image) only, and differ between images.
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
 

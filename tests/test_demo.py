@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rahf import RichFeedbackPredictor
-from rahf.demo import run_demo
+from rahf.improve.demo import run_demo
 
 NAMES = ["rahf_multi_head", "rahf_augmented_prompt", "rahf_untrained", "resnet50", "center_prior"]
 

@@ -21,7 +21,6 @@ from peft import LoraConfig
 from rahf.improve.finetune import (
     LORA_WEIGHT_NAME,
     _load_rows,
-    list_checkpoints,
     load_lora_into_pipeline,
     lora_checksum,
     parse_finetune_args,
@@ -32,6 +31,7 @@ from rahf.improve.finetune import (
 from safetensors.torch import load_file
 
 from rahf.testing import tiny_sd_pipeline
+from rahf.training_utils import list_checkpoints
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
-from rahf.improve.reward import get_reward
-from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline, RAHFReward
+from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
 
+from rahf.reward import RAHFReward, get_reward
 from rahf.testing import tiny_rahf_model, tiny_rahf_processor, tiny_sd_pipeline
 
 SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from diffusers import AmusedInpaintPipeline, DiffusionPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
-from rahf.pipelines.inpaint_cli import main as inpaint_main
-from rahf.pipelines.inpaint_cli import parse_rescore_with
+from rahf.improve.inpaint import main as inpaint_main
+from rahf.improve.inpaint import parse_rescore_with
+from rahf.improve.repair_report import mask_iou, repair_report
 from rahf.pipelines.masks import MaskConfig, disk_kernel, heatmap_to_mask
 from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline, pixel_mask_to_token_mask
 from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline, RAHFInpaintPipelineOutput
-from rahf.pipelines.repair_report import mask_iou, repair_report
 
 from rahf import RichFeedbackPredictor, pipelines
 from rahf.testing import (

@@ -1,4 +1,4 @@
-"""rahf.improve.reward: RAHF as a differentiable reward on image tensors, and the reward registry."""
+"""rahf.reward: RAHF as a differentiable reward on image tensors, and the reward registry."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rahf.improve.reward import get_reward, images_to_tensor, list_rewards, rahf_pixel_values, register_reward
-from rahf.pipelines.rahf_guided import RAHFReward
 
 from rahf import RichFeedbackPredictor
+from rahf.reward import RAHFReward, get_reward, images_to_tensor, list_rewards, rahf_pixel_values, register_reward
 from rahf.testing import tiny_rahf_model, tiny_rahf_processor
 
 VARIANTS = ("multi_head", "augmented_prompt")
@@ -161,7 +160,7 @@ def test_register_custom_reward():
         scores, _ = get_reward("test_brightness")(torch.ones(3, 3, 8, 8), ["a"] * 3, None)
         torch.testing.assert_close(scores, torch.ones(3))
     finally:
-        from rahf.improve import reward as module
+        from rahf import reward as module
 
         module._REWARDS.pop("test_brightness")
 

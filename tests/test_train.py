@@ -15,17 +15,15 @@ from train_utils import load_state_dict, make_tiny_dataset, write_tiny_model_con
 
 from rahf import RichFeedbackPredictor
 from rahf.testing import tiny_rahf_model
-from rahf.train import (
+from rahf.train import build_model_and_processor, main, train
+from rahf.training_args import parse_training_args
+from rahf.training_utils import (
+    COMPLETE_MARKER,
     build_lr_scheduler,
-    build_model_and_processor,
     build_optimizer,
     list_checkpoints,
-    main,
     prune_checkpoints,
-    train,
 )
-from rahf.training_args import parse_training_args
-from rahf.training_utils import COMPLETE_MARKER
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +143,7 @@ def test_unknown_model_type_lists_known_ones():
 
 
 def test_start_from_a_saved_model(tmp_path):
-    from rahf.cli import init_model
+    from rahf.init_model import init_model
 
     init_model("configs/model/tiny.json", str(tmp_path / "init"), seed=1)
     args = parse_training_args(["--pretrained_model_name_or_path", str(tmp_path / "init")])
@@ -210,7 +208,7 @@ def test_8bit_adam_takes_a_step():
     pytest.importorskip("bitsandbytes")
     model = tiny_rahf_model()
     args = parse_training_args(["--use_8bit_adam"])
-    opt = build_optimizer(model, args, learning_rate=1e-3)
+    opt = build_optimizer(model.parameters(), learning_rate=1e-3, use_8bit_adam=args.use_8bit_adam, decay_1d=False)
     assert type(opt).__name__ == "AdamW8bit"
     before = model.text_model.shared.weight.detach().clone()
     model.text_model.shared.weight.sum().backward()
@@ -444,9 +442,9 @@ def test_8bit_adam_bf16_run_without_tensorboard(tiny_setup, tmp_path):
 def test_calibrate_keyword_threshold_picks_the_best_validation_f1_greedy_on_ties(monkeypatch):
     from datasets import Dataset
 
+    from rahf.calibration import calibrate_keyword_threshold
     from rahf.data.schema import FEATURES
     from rahf.predictor import RichFeedback
-    from rahf.train import calibrate_keyword_threshold
 
     rows = [
         {"uid": f"u{i}", "image": Image.new("RGB", (8, 8)), "prompt": "a red circle", "plausibility": 0.5,

@@ -14,7 +14,7 @@ import torch
 from train_utils import load_state_dict, make_tiny_dataset, write_tiny_model_config
 
 from rahf import RichFeedbackPredictor
-from rahf.train import parameters_checksum
+from rahf.training_utils import parameters_checksum
 
 pytestmark = pytest.mark.distributed
 
@@ -122,8 +122,8 @@ def test_two_processes_stay_in_sync_and_resume(tmp_path):
     # process computes on the whole split, and the chosen decoding is saved with the model.
     calibration = json.loads((out / "final" / "training_summary.json").read_text())["keyword_threshold_calibration"]
     assert calibration["num_records"] == 8
+    from rahf.calibration import keyword_scores_at_thresholds
     from rahf.data.schema import load_rich_feedback
-    from rahf.train import keyword_scores_at_thresholds
 
     thresholds = [r["threshold"] for r in calibration["table"]]
     table = keyword_scores_at_thresholds(final.model, final.processor, load_rich_feedback(data)["validation"], thresholds)

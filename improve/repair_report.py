@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from rahf.pipelines.inpaint_cli import from_inpaint_pipe
+from rahf.pipelines.auto import from_inpaint_pipe
 from rahf.pipelines.masks import heatmap_to_mask
 
 logger = logging.getLogger(__name__)

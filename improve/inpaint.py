@@ -1,7 +1,7 @@
 """`rahf inpaint`: repair one image with RAHF + an inpainting pipeline and write the result, its candidates and scores.
 
     rahf inpaint --model RAHF_DIR --inpainter PIPE_DIR_OR_ID --image IMG --prompt TEXT --out DIR
-    python -m rahf.pipelines.inpaint_cli --model ... (the same flags)
+    python -m rahf.improve.inpaint --model ... (the same flags)
 
 Writes `best.png`, `candidates.png` (input and candidates with their scores), `heatmap.png` (the heat as greyscale),
 `overlay.png`, `mask.png` and `result.json` (every score, `repaired`, the mask's area and the settings).
@@ -20,20 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from rahf.pipelines.auto import from_inpaint_pipe
 from rahf.pipelines.loading import dtype_kwarg
 
-from rahf.job_args import parse_weight_spec
 from rahf.pretrained_paths import resolve_pretrained_path
+from rahf.reward import parse_reward
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "build_parser",
-    "from_inpaint_pipe",
     "load_rahf_inpaint_pipeline",
     "main",
     "parse_rescore_with",
-    "rahf_inpaint_class_for",
     "write_inpaint_result",
 ]
 
@@ -43,33 +42,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_rescore_with(value: str) -> str | dict[str, float]:
     """`"plausibility"` -> itself; `"plausibility=1,aesthetics=0.5"` -> `{"plausibility": 1.0, "aesthetics": 0.5}`."""
-    return parse_weight_spec(value, "--rescore_with", "plausibility=1,aesthetics=0.5")
-
-
-def rahf_inpaint_class_for(pipe: Any) -> type:
-    """The RAHF inpainting pipeline class that fits `pipe`'s components: aMUSEd (vqvae + transformer) or Stable
-    Diffusion (unet + vae)."""
-    components = getattr(pipe, "components", {})
-    if "vqvae" in components and "transformer" in components:
-        from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
-
-        return RAHFAmusedInpaintPipeline
-    if "unet" in components and "vae" in components:
-        from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
-
-        return RAHFInpaintPipeline
-    raise ValueError(
-        f"`inpainter` must be a Stable Diffusion inpainting or an aMUSEd pipeline, got {type(pipe).__name__} with "
-        f"components {sorted(components)}"
-    )
-
-
-def from_inpaint_pipe(pipe: Any, reward_model: Any, reward_processor: Any) -> Any:
-    """`RAHF*InpaintPipeline.from_pipe(pipe, ...)` for whichever kind of inpainting pipeline `pipe` is, keeping its
-    dtype (`from_pipe` casts every component, shared ones included, to float32 unless told otherwise)."""
-    return rahf_inpaint_class_for(pipe).from_pipe(
-        pipe, reward_model=reward_model, reward_processor=reward_processor, **dtype_kwarg(pipe.dtype)
-    )
+    try:
+        return parse_reward(value)
+    except ValueError as err:
+        raise ValueError(f"`--rescore_with`: {err}") from None
 
 
 def load_rahf_inpaint_pipeline(
