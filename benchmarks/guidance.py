@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline  # noqa: E402
 
+from rahf.precision import torch_dtype  # noqa: E402
+
 PROMPT = "a red circle above a blue square"  # task string + prompt fit the tiny RAHF's 32 tokens
 
 # (name, pipeline kwargs): the unguided baseline first.
@@ -113,7 +115,7 @@ def build(args) -> RAHFGuidedStableDiffusionPipeline:
     from rahf import RAHFModel, RAHFProcessor
     from rahf.testing import tiny_rahf_model, tiny_rahf_processor, tiny_sd_pipeline
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if args.pretrained_model_name_or_path:
         sd = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype)
     else:

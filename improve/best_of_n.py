@@ -42,14 +42,9 @@ import torch
 from PIL import Image
 from rahf.pipelines.loading import dtype_kwarg
 
-from rahf.job_args import (
-    MIXED_PRECISIONS,
-    check_finite_numbers,
-    parse_job_args,
-    read_prompt_records,
-    resolve_mixed_precision,
-    uses_cpu_processes,
-)
+from rahf.constants import SCORE_NAMES
+from rahf.job_args import check_finite_numbers, parse_job_args, read_prompt_records, uses_cpu_processes
+from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.pretrained_paths import resolve_pretrained_path
 from rahf.reward import RewardFn, load_reward, parse_reward, score_table
 
@@ -75,7 +70,6 @@ ALL_SCORES_NAME = "all_scores.jsonl"
 SUMMARY_NAME = "summary.json"
 RUN_CONFIG_NAME = "run_config.json"
 TMP_MARK = ".tmp-"
-RAHF_SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
 # Arguments that change which images are generated or kept: a rerun into the same output_dir must not change them.
 _IDENTITY_FIELDS = (
     "pretrained_model_name_or_path", "revision", "variant", "reward_model", "num_images_per_prompt", "reward",
@@ -304,10 +298,6 @@ def _clean_stale_files(output_dir: Path) -> int:
 # Generation
 
 
-def _torch_dtype(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
 def load_text_to_image_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
                                 variant: str | None = None):
     """`DiffusionPipeline.from_pretrained`, with a clear error when the folder or hub id is not a pipeline."""
@@ -453,7 +443,7 @@ def _merge(output_dir: Path, records: list[dict[str, Any]], args: BestOfNArgumen
     def mean(values: list[float]) -> float | None:
         return float(np.mean(values)) if values else None
 
-    score_names = sorted({k for r in all_rows for k in r if k in RAHF_SCORE_NAMES or k.endswith("_mean")})
+    score_names = sorted({k for r in all_rows for k in r if k in SCORE_NAMES or k.endswith("_mean")})
     summary = {
         "num_prompts": len(records), "num_images": len(all_rows), "num_kept": len(kept_rows),
         "kept_fraction": len(kept_rows) / max(1, len(records)), "reward": args.reward, "threshold": args.threshold,
@@ -545,7 +535,7 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
         mine = list(mine)
     if mine:
         if pipe is None:
-            pipe = load_text_to_image_pipeline(args.pretrained_model_name_or_path, _torch_dtype(args.mixed_precision),
+            pipe = load_text_to_image_pipeline(args.pretrained_model_name_or_path, torch_dtype(args.mixed_precision),
                                                revision=args.revision, variant=args.variant)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)

@@ -45,13 +45,9 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from rahf.job_args import (
-    MIXED_PRECISIONS,
-    check_finite_numbers,
-    parse_job_args,
-    resolve_mixed_precision,
-    uses_cpu_processes,
-)
+from rahf.constants import SCORE_NAMES
+from rahf.job_args import check_finite_numbers, parse_job_args, uses_cpu_processes
+from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.reward import load_reward, score_table
 from rahf.training_utils import (
     DIFFUSERS_LR_SCHEDULES,
@@ -586,7 +582,7 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
     if rows and "reward" in rows[0]:
         metrics["val/reward"] = float(np.mean([r["reward"] for r in rows]))
         for name in rows[0]:
-            if name in ("plausibility", "alignment", "aesthetics", "overall"):
+            if name in SCORE_NAMES:
                 metrics[f"val/{name}"] = float(np.mean([r[name] for r in rows]))
     if was_training:
         denoiser.train()
@@ -630,7 +626,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         logger.setLevel(logging.WARNING)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = torch_dtype(accelerator.mixed_precision)
 
     # 1. The pipeline, frozen; a LoRA adapter on its denoiser (the same initial LoRA on every process).
     if pipe is None:

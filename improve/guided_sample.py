@@ -27,14 +27,9 @@ from rahf.pipelines.loading import dtype_kwarg
 from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from rahf.job_args import (
-    MIXED_PRECISIONS,
-    check_finite_numbers,
-    parse_job_args,
-    read_prompt_records,
-    resolve_mixed_precision,
-)
+from rahf.job_args import check_finite_numbers, parse_job_args, read_prompt_records
 from rahf.modeling_rahf import RAHFModel
+from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.predictor import RichFeedbackPredictor
 from rahf.pretrained_paths import resolve_pretrained_path
 from rahf.processing_rahf import RAHFProcessor
@@ -60,7 +55,6 @@ SCHEDULERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpm_solver": "DPMSolverMultistepScheduler",
 }
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Grid cells are at least this wide so that the captions (four scores) fit under 32 px test images too.
 _MIN_CELL = 256
 
@@ -341,7 +335,7 @@ def _load_sd_pipeline(args: GuidedSampleArguments, device: str):
     import diffusers
     from diffusers import DiffusionPipeline
 
-    dtype = _DTYPES[resolve_mixed_precision(args.mixed_precision, device=device)]
+    dtype = torch_dtype(resolve_mixed_precision(args.mixed_precision, device=device))
     path = resolve_pretrained_path(
         args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", what="a Stable Diffusion pipeline folder"
     )

@@ -23,6 +23,7 @@ from PIL import Image
 from rahf.pipelines.auto import from_inpaint_pipe
 from rahf.pipelines.loading import dtype_kwarg
 
+from rahf.precision import torch_dtype
 from rahf.pretrained_paths import resolve_pretrained_path
 from rahf.reward import parse_reward
 
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 _RAHF_PIPELINES = ("RAHFInpaintPipeline", "RAHFAmusedInpaintPipeline")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_rescore_with(value: str) -> str | dict[str, float]:
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=sorted(_DTYPES),
+        choices=["fp32", "fp16", "bf16"],
         help="load the pipeline in this dtype (default: as saved, float32 for most checkpoints)",
     )
     return parser
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("threshold_quantile", "min_area") if getattr(args, k) is not None}
     mask_config = override_mask_config(DEFAULT_MASK_CONFIG, **overrides)
 
-    pipe = load_rahf_inpaint_pipeline(args.model, args.inpainter, device=device, dtype=_DTYPES.get(args.dtype))
+    pipe = load_rahf_inpaint_pipeline(args.model, args.inpainter, device=device, dtype=torch_dtype(args.dtype) if args.dtype else None)
     call: dict[str, Any] = {
         "heatmap": heatmap,
         "threshold": args.threshold,

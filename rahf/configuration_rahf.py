@@ -13,10 +13,12 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig, T5Config
 from transformers.configuration_utils import SubConfigSpec
 
+from .constants import HEATMAP_NAMES, SCORE_NAMES
+
 VARIANTS = ("multi_head", "augmented_prompt")
 VISION_MODEL_TYPES = ("vit", "siglip_vision_model", "clip_vision_model")
-DEFAULT_SCORE_NAMES = ["plausibility", "alignment", "aesthetics", "overall"]
-DEFAULT_HEATMAP_NAMES = ["implausibility", "misalignment"]
+DEFAULT_SCORE_NAMES = list(SCORE_NAMES)
+DEFAULT_HEATMAP_NAMES = list(HEATMAP_NAMES)
 KEYWORDS_TASK = "keywords"
 DEFAULT_TASK_STRINGS = {
     "implausibility": "implausibility heatmap",

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .baselines import _resize_map, load_rater, rater_capabilities
+from .constants import HEATMAP_NAMES, SCORE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ __all__ = [
     "write_comparison_report",
 ]
 
-SCORE_NAMES: tuple[str, ...] = ("plausibility", "alignment", "aesthetics", "overall")
-HEATMAP_NAMES: tuple[str, ...] = ("implausibility", "misalignment")
 HEATMAP_KEYS: tuple[str, ...] = (
     "mse_all",
     "mse_gt0",

@@ -20,15 +20,11 @@ from transformers import HfArgumentParser
 
 T = TypeVar("T")
 
-MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-
 __all__ = [
-    "MIXED_PRECISIONS",
     "check_finite_numbers",
     "load_yaml_defaults",
     "parse_job_args",
     "read_prompt_records",
-    "resolve_mixed_precision",
     "uses_cpu_processes",
 ]
 
@@ -95,45 +91,6 @@ def check_finite_numbers(args: Any) -> None:
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"`{f.name}` must be a finite number, got {value!r}")
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    from accelerate.utils import is_mlu_available, is_npu_available, is_xpu_available
-
-    return is_xpu_available() or is_npu_available() or is_mlu_available()
-
-
-def resolve_mixed_precision(value: str | None, *, device: Any = None, cpu_bf16_ok: bool = False) -> str:
-    """The precision a job runs in: the flag, else what `accelerate launch` / `accelerate config` set
-    (ACCELERATE_MIXED_PRECISION), else "no".
-
-    `auto` is half precision where there is an accelerator (bf16 where the GPU supports it, else fp16) and float32
-    ("no") on a CPU. An explicit fp16 (or bf16, unless `cpu_bf16_ok`: autocast with float32 weights, as `rahf train`
-    uses it) on a machine without an accelerator, or with `device` a CPU, is refused: half precision is emulated on
-    a CPU, 10-100x slower.
-    """
-    value = value if value is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    value = str(value).lower()
-    if value not in MIXED_PRECISIONS:
-        raise ValueError(f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {value!r}")
-    on_cpu = str(device).split(":")[0] == "cpu" if device is not None else not _has_accelerator()
-    if value == "auto":
-        if on_cpu:
-            return "no"
-        import torch
-
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
-    if value == "fp16" or (value == "bf16" and not cpu_bf16_ok):
-        if on_cpu:
-            raise ValueError(
-                f"`mixed_precision` {value!r} on a CPU would run in emulated half precision, "
-                "10-100x slower than float32; pass --mixed_precision auto (half precision only on an accelerator) or no"
-            )
-    return value
 
 
 def uses_cpu_processes() -> bool:

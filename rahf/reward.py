@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .constants import HEATMAP_NAMES, SCORE_NAMES
 from .modeling_rahf import RAHFModel
 from .predictor import RichFeedbackPredictor
 from .processing_rahf import ImageInput, RAHFProcessor, load_image
@@ -66,8 +67,8 @@ RewardFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 # name -> factory(reward_model=..., reward_processor=..., **kwargs) -> RewardFn
 _REWARDS: dict[str, Callable[..., RewardFn]] = {}
 
-SCORE_REWARDS = ("plausibility", "alignment", "aesthetics", "overall")
-HEATMAP_REWARDS = ("-implausibility", "-misalignment")
+SCORE_REWARDS = SCORE_NAMES
+HEATMAP_REWARDS = tuple(f"-{name}" for name in HEATMAP_NAMES)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader
 
 from .calibration import calibrate_keyword_threshold
 from .configuration_rahf import KEYWORDS_TASK
-from .job_args import resolve_mixed_precision, uses_cpu_processes
+from .job_args import uses_cpu_processes
+from .metrics import plcc
+from .precision import resolve_mixed_precision
 from .training_args import RAHFTrainingArguments, parse_training_args
 from .training_utils import (
     TRAINING_STATE_NAME,
@@ -151,9 +153,8 @@ def build_model_and_processor(args: RAHFTrainingArguments) -> tuple[torch.nn.Mod
 
 
 def _plcc(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+    # rahf.metrics.plcc, the one definition (0.0 for a constant input); NaN where a split is too small to correlate.
+    return plcc(x, y) if len(x) >= 2 else float("nan")
 
 
 def _keyword_rows(batch: dict[str, Any], config) -> torch.Tensor:

@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .job_args import MIXED_PRECISIONS, check_finite_numbers, parse_job_args
+from .job_args import check_finite_numbers, parse_job_args
+from .precision import MIXED_PRECISIONS
 from .training_utils import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)

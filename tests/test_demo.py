@@ -1,16 +1,19 @@
+"""`rahf demo --quick`, run from the wheel installed outside the repository: the whole report, every section."""
+
 import json
 
 import pytest
 
 from rahf import RichFeedbackPredictor
-from rahf.improve.demo import run_demo
 
 NAMES = ["rahf_multi_head", "rahf_augmented_prompt", "rahf_untrained", "resnet50", "center_prior"]
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_the_whole_report(tmp_path):
-    report = run_demo(tmp_path, quick=True)
+def test_quick_demo_writes_the_whole_report(installed_wheel, tmp_path):
+    done = installed_wheel.run("demo", "--quick", "--out", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = tmp_path / "report.md"
     text = report.read_text()
     for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Repair", "guidance", "Best-of-N", "Time"):
         assert heading in text, heading

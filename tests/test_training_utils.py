@@ -13,7 +13,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from train_utils import make_tiny_dataset, write_tiny_model_config
 
-from rahf.job_args import check_finite_numbers, resolve_mixed_precision
+from rahf.job_args import check_finite_numbers
+from rahf.precision import resolve_mixed_precision
 from rahf.train import main as train_main
 from rahf.train import train
 from rahf.training_args import RAHFTrainingArguments, parse_training_args

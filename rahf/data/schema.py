@@ -26,6 +26,7 @@ from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, List, V
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from ..constants import HEATMAP_NAMES, SCORE_NAMES
 from ..image_io import max_image_pixels, open_image
 from ..keywords import split_prompt_words
 
@@ -48,8 +49,6 @@ __all__ = [
     "validate_example",
 ]
 
-SCORE_NAMES: tuple[str, ...] = ("plausibility", "alignment", "aesthetics", "overall")
-HEATMAP_NAMES: tuple[str, ...] = ("implausibility", "misalignment")
 HEATMAP_COLUMNS: tuple[str, ...] = tuple(f"{name}_map" for name in HEATMAP_NAMES)
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 

@@ -60,6 +60,7 @@ from datasets import DatasetDict
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from rahf.constants import SCORE_NAMES
 from rahf.data.schema import save_rich_feedback
 from rahf.keywords import split_prompt_words
 
@@ -125,7 +126,6 @@ MISALIGNMENT_KINDS = ("colour", "shape", "count", "missing", "relation")
 # tiny model (and a person) sees first; shapes, counts and relations stay, less often.
 MISALIGNMENT_KIND_WEIGHTS = {"colour": 0.5, "shape": 0.15, "count": 0.1, "missing": 0.2, "relation": 0.05}
 _ALIGNMENT_PENALTY = {"colour": 1.2, "shape": 1.4, "count": 1.0, "missing": 1.8, "relation": 1.0}
-SCORE_KEYS = ("plausibility", "alignment", "aesthetics", "overall")
 
 
 WORD_SWAP_GROUPS_FILE = "word_swap_groups.json"
@@ -893,7 +893,7 @@ def _annotator_pool(config: SynthConfig) -> list[dict[str, Any]]:
         pool.append(
             {
                 "id": f"annotator_{k:02d}",
-                "bias": {name: float(rng.normal(0, 0.25)) for name in SCORE_KEYS},
+                "bias": {name: float(rng.normal(0, 0.25)) for name in SCORE_NAMES},
                 "score_sd": float(rng.uniform(0.3, 0.55)),
                 "miss_rate": float(rng.uniform(0.05, 0.2)),
                 "diligence": float(rng.uniform(0.7, 1.3)),
@@ -959,7 +959,7 @@ def _annotate(
         if content and rng.random() < noise * ann["word_spurious"]:
             flagged_words.add(int(content[int(rng.integers(len(content)))]))
         scores = {}
-        for name in SCORE_KEYS:
+        for name in SCORE_NAMES:
             value = truth["true_scores"][name] + noise * (ann["bias"][name] + rng.normal(0, ann["score_sd"]))
             scores[name] = int(np.clip(np.round(value), 1, 5))
         out.append(
