@@ -35,7 +35,7 @@ __all__ = [
     "override_mask_config",
 ]
 
-# One public RAHF-based baseline (NTIRE 2025) thresholds heatmaps at 40/255 for masks (REFERENCE.md).
+# One public RAHF-based baseline (NTIRE 2025) thresholds heatmaps at 40/255 for masks (docs/reference.md, section 7).
 DEFAULT_THRESHOLD = 40 / 255
 
 

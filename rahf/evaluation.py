@@ -119,7 +119,7 @@ def _paper(scores=None, implausibility=None, misalignment=None, keywords=None) -
     }
 
 
-# The paper's figures on the RichHF-18K test set (Liang et al., CVPR 2024, Tables 1-4; REFERENCE.md), in the schema
+# The paper's figures on the RichHF-18K test set (Liang et al., CVPR 2024, Tables 1-4; docs/reference.md, section 5), in the schema
 # of metrics.json. Table 2/3 counts: 69 (implausibility) and 144 (misalignment) empty maps out of 995 test samples.
 PAPER_METRICS: dict[str, dict] = {
     "ResNet-50": _paper(

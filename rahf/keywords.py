@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# The official matcher splits on these characters and on spaces (REFERENCE.md); we treat any whitespace as a space.
+# The official matcher splits on these characters and on spaces (docs/reference.md, section 3); we treat any whitespace as a space.
 _SPLIT_RE = re.compile(r"[,.?!\":;\s]+")
 _WORD_RE = re.compile(r"[^,.?!\":;\s]+")
 

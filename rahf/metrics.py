@@ -1,7 +1,7 @@
 """The paper's evaluation metrics: saliency-style heatmap metrics (MIT benchmark), PLCC/SRCC, keyword precision/recall/F1.
 
 Heatmap metrics follow Bylinskii et al. ("What do different evaluation metrics tell us about saliency models?") as
-REFERENCE.md states them; P is the predicted map, G the ground truth, both HxW, and the fixations are the pixels where
+docs/reference.md (section 4) states them; P is the predicted map, G the ground truth, both HxW, and the fixations are the pixels where
 G > 0. Where the published definitions divide by zero (constant maps, empty maps) every function here returns a
 documented finite value instead of NaN:
 

@@ -1,4 +1,4 @@
-"""The canonical rich-feedback data set (DESIGN.md): its `datasets.Features`, validation, and the loader.
+"""The canonical rich-feedback data set (docs/reference.md, section 1): its `datasets.Features`, validation, and the loader.
 
 Every source (RichHF-18K, raw annotations, the synthetic set) becomes a `DatasetDict` with splits among `SPLITS`
 and the columns of `FEATURES`; extra columns (e.g. per-annotator scores) are allowed and kept.

@@ -1,4 +1,4 @@
-"""Training input over the canonical data set: a torch `Dataset` with the augmentations of REFERENCE.md.
+"""Training input over the canonical data set: a torch `Dataset` with the augmentations of docs/reference.md (section 6).
 
 Augmentations (each with its probability, applied in this order, all with PIL/numpy):
 - random crop keeping 80-100% of each side (p 0.5), the same box, in relative coordinates, for image and heatmaps;
