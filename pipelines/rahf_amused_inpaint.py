@@ -16,7 +16,6 @@ import PIL.Image
 import torch
 from diffusers import AmusedInpaintPipeline, AmusedScheduler, DiffusionPipeline, UVit2DModel, VQModel
 from diffusers.utils import logging, replace_example_docstring
-from rahf.pipelines.loading import register_rahf_components
 from rahf.pipelines.masks import MaskConfig
 from rahf.pipelines.rahf_inpaint import RAHFInpaintMixin, RAHFInpaintPipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -24,8 +23,6 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from rahf import RAHFModel, RAHFProcessor
 
 logger = logging.get_logger(__name__)
-
-register_rahf_components()
 
 __all__ = ["RAHFAmusedInpaintPipeline", "pixel_mask_to_token_mask"]
 

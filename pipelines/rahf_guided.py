@@ -33,7 +33,6 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from rahf.pipelines.loading import register_rahf_components
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from rahf.modeling_rahf import RAHFModel
@@ -41,9 +40,6 @@ from rahf.processing_rahf import RAHFProcessor
 from rahf.reward import RAHFReward, RewardFn
 
 logger = logging.getLogger(__name__)
-
-# Saving and loading the reward processor go through diffusers' registry (see pipelines/loading.py).
-register_rahf_components()
 
 __all__ = [
     "SUPPORTED_SCHEDULERS",

@@ -23,16 +23,12 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from rahf.pipelines.loading import register_rahf_components
 from rahf.pipelines.masks import MaskConfig, feather_mask, heatmap_to_mask, override_mask_config
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from rahf import RAHFModel, RAHFProcessor, RichFeedbackPredictor, load_image
 
 logger = logging.get_logger(__name__)
-
-# Must run before any pipeline registers its reward processor (see pipelines/loading.py).
-register_rahf_components()
 
 __all__ = ["DEFAULT_MASK_CONFIG", "RAHFInpaintMixin", "RAHFInpaintPipeline", "RAHFInpaintPipelineOutput"]
 

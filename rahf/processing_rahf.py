@@ -1,4 +1,22 @@
-"""`RAHFProcessor`: images and prompts to RAHF inputs, augmented prompts, and the keyword-sequence codec."""
+"""`RAHFProcessor` and `RAHFImageProcessor`: images and prompts to RAHF inputs, augmented prompts, and the
+keyword-sequence codec.
+
+`RAHFProcessor` is a transformers `ProcessorMixin` holding a `RAHFImageProcessor` and T5's tokenizer, so that it saves
+in transformers' own layout and loads with `AutoProcessor.from_pretrained(folder)` (importing this module, or
+`from rahf import RAHFProcessor`, registers both classes for `RAHFConfig`). A saved processor folder holds:
+
+- `processor_config.json`: `processor_class`, the RAHF settings (`variant`, `task_names`, `task_strings`,
+  `max_text_length`, `max_target_length`) and, under `image_processor`, the image processor's settings (`size`,
+  `image_mean`, `image_std`, `resample`, `image_processor_type`), which transformers 5 nests here rather than writing a
+  separate preprocessor_config.json;
+- the tokenizer's files (`tokenizer.json`, `tokenizer_config.json`).
+
+Folders written before the processor was a `ProcessorMixin` (`rahf_processor_config.json` with flat settings, and the
+tokenizer's files) still load with `RAHFProcessor.from_pretrained`.
+
+Diffusers pipelines carry the processor as a component with no registration of their own: it derives from
+transformers' `ProcessorMixin`, which diffusers saves and loads with `save_pretrained` / `from_pretrained`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +26,26 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    # Load-bearing import: diffusers finds a component's load method by looking up the base classes it knows (this one
+    # among them) as attributes of the module that model_index.json names, here `rahf.processing_rahf`.
+    ProcessorMixin,
+)
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.utils import PROCESSOR_NAME
 
 from .configuration_rahf import (
+    DEFAULT_IMAGE_MEAN,
+    DEFAULT_IMAGE_STD,
     MIN_TEXT_LENGTH,
     VARIANTS,
     RAHFConfig,
@@ -27,18 +58,39 @@ from .pretrained_paths import resolve_pretrained_path
 
 logger = logging.getLogger(__name__)
 
-PROCESSOR_CONFIG_NAME = "rahf_processor_config.json"
+PROCESSOR_CONFIG_NAME = PROCESSOR_NAME  # "processor_config.json"
+# What processors saved before the ProcessorMixin wrote their settings to (flat, without the image processor's nesting).
+LEGACY_PROCESSOR_CONFIG_NAME = "rahf_processor_config.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes
+# The hub options of `from_pretrained` (AutoProcessor passes some of them): a processor is read from a local folder only.
+_HUB_LOADING_KWARGS = frozenset(
+    {
+        "cache_dir",
+        "code_revision",
+        "force_download",
+        "local_files_only",
+        "proxies",
+        "repo_type",
+        "revision",
+        "token",
+        "trust_remote_code",
+        "user_agent",
+        "_from_auto",
+        "_from_pipeline",
+    }
+)
+_HOW_TO_SAVE = "the processor with `processor.save_pretrained(dir)` (or `rahf init-model`)"
 
 
 def save_processor_config(
     save_directory: str | os.PathLike,
     config: dict,
     tokenizer: PreTrainedTokenizerBase | None,
-    config_name: str = PROCESSOR_CONFIG_NAME,
+    config_name: str = LEGACY_PROCESSOR_CONFIG_NAME,
 ) -> None:
-    """Writes a processor's `config` as `config_name` (indented JSON) and its tokenizer, if any, into
-    `save_directory`, creating it."""
+    """Writes a plain processor's `config` as `config_name` (indented JSON) and its tokenizer, if any, into
+    `save_directory`, creating it (the layout of `rahf.baselines.BaselineProcessor`, and of `RAHFProcessor` before it
+    was a `ProcessorMixin`)."""
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
@@ -47,10 +99,10 @@ def save_processor_config(
 
 
 def load_processor_config(
-    pretrained_path: str | os.PathLike, how_to_save: str, config_name: str = PROCESSOR_CONFIG_NAME
+    pretrained_path: str | os.PathLike, how_to_save: str, config_name: str = LEGACY_PROCESSOR_CONFIG_NAME
 ) -> tuple[Path, dict]:
-    """The folder and the constructor keywords saved by `save_processor_config` (without `processor_class`). A folder
-    without `config_name` raises a ValueError that ends "save {how_to_save} next to the model"."""
+    """The folder and the constructor keywords in its `config_name` (without `processor_class`). A folder without
+    `config_name` raises a ValueError that ends "save {how_to_save} next to the model"."""
     path = Path(pretrained_path)
     cfg_file = path / config_name
     if not cfg_file.is_file():
@@ -190,15 +242,147 @@ def _check_task_strings(task_strings: dict[str, str], task_names: list[str], var
     return dict(task_strings)
 
 
-class RAHFProcessor:
+def _check_size(size: Any, where: str) -> int:
+    """`size` (an int, or transformers' `{"height": s, "width": s}`) -> the side of the square it names."""
+    if isinstance(size, dict):
+        if set(size) != {"height", "width"} or size["height"] != size["width"]:
+            raise ValueError(
+                f'`size` must be one side or a square {{"height": s, "width": s}}, got {size!r}: RAHF\'s vision towers '
+                f'take square images; write e.g. {{"height": 384, "width": 384}} in {where}'
+            )
+        size = size["height"]
+    return check_int("size", size, example=384, where=where)
+
+
+def _check_resample(resample: Any, where: str) -> int:
+    try:
+        if isinstance(resample, bool):
+            raise ValueError
+        return int(Image.Resampling(resample))
+    except (ValueError, TypeError):
+        choices = {r.name: r.value for r in Image.Resampling}
+        raise ValueError(
+            f"`resample` must be a PIL resampling filter, one of {choices}, got {resample!r}; write 3 (bicubic) in "
+            f"{where}"
+        ) from None
+
+
+class RAHFImageProcessor(BaseImageProcessor):
     r"""
-    Prepares RAHF inputs: resizes and normalises images, tokenizes prompts (with task strings in the augmented-prompt
-    variant), encodes the ` 0`-marked keyword targets and decodes generated sequences back to prompt-word indices.
+    RAHF's image preprocessing: any image (PIL of any mode, array, path or encoded bytes; see [`load_image`]) to RGB,
+    resized to the square the vision tower takes, scaled to [0, 1] and normalised per channel, in float32.
+
+    None of transformers' image processors reproduces it exactly: they neither composite transparency on white, nor
+    scale 16-bit greyscale by its range, nor refuse oversized files from their headers before decoding.
+
+    Args:
+        size (`int` or `dict[str, int]`, *optional*, defaults to 224):
+            Side of the square output, or `{"height": s, "width": s}`.
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel mean subtracted after scaling to [0, 1].
+        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel standard deviation divided by after subtracting the mean.
+        resample (`int`, *optional*, defaults to `PIL.Image.Resampling.BICUBIC`):
+            The PIL filter of the resize.
+
+    Examples:
+
+    ```python
+    >>> from PIL import Image
+    >>> from rahf.processing_rahf import RAHFImageProcessor
+    >>> RAHFImageProcessor(size=32)(Image.new("RGBA", (50, 20)))["pixel_values"].shape
+    torch.Size([1, 3, 32, 32])
+    ```
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        size: int | dict[str, int] = 224,
+        image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN,
+        image_std: Sequence[float] = DEFAULT_IMAGE_STD,
+        resample: int = Image.Resampling.BICUBIC,
+        **kwargs: Any,
+    ) -> None:
+        # Bookkeeping keys that transformers writes into a saved image processor's settings and hands back on load.
+        for key in ("image_processor_type", "processor_class"):
+            kwargs.pop(key, None)
+        where = f"the `image_processor` entry of {PROCESSOR_CONFIG_NAME}"
+        if kwargs:
+            raise ValueError(
+                f"unknown image processor settings {sorted(kwargs)}; RAHFImageProcessor takes size, image_mean, "
+                f"image_std and resample: remove or rename them in {where}"
+            )
+        super().__init__()
+        side = _check_size(size, where)
+        self.size = {"height": side, "width": side}
+        self.image_mean = check_image_statistics("image_mean", image_mean)
+        self.image_std = check_image_statistics("image_std", image_std, positive=True)
+        self.resample = _check_resample(resample, where)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images this processor makes."""
+        return self.size["height"]
+
+    def preprocess(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        max_image_pixels: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Images of any size and mode -> `pixel_values` (B, 3, size, size), normalised float32.
+
+        Args:
+            images: one image or a sequence of them.
+            max_image_pixels: the largest image accepted, in pixels (default: `rahf.image_io.max_image_pixels()`);
+                larger ones are refused with `ImageTooLargeError` (see [`load_image`]).
+            return_tensors: `"pt"` (or None) for a torch tensor, `"np"` for a numpy array.
+        """
+        if kwargs:
+            raise ValueError(
+                f"RAHFImageProcessor takes no call-time settings {sorted(kwargs)}: set size, image_mean, image_std or "
+                "resample when building it, and pass only images, max_image_pixels and return_tensors"
+            )
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"`return_tensors` must be 'pt', 'np' or None, got {return_tensors!r}")
+        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes)):
+            images = [images]
+        side = self.image_size
+        arrays = []
+        for image in images:
+            rgb = load_image(image, max_pixels=max_image_pixels)
+            rgb = rgb.resize((side, side), Image.Resampling(self.resample))
+            arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+        if not arrays:
+            raise ValueError("`images` is empty: pass at least one image")
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        pixel_values = (batch - mean) / std
+        return BatchFeature({"pixel_values": pixel_values.numpy() if return_tensors == "np" else pixel_values})
+
+
+class RAHFProcessor(ProcessorMixin):
+    r"""
+    Prepares RAHF inputs: resizes and normalises images (with its [`RAHFImageProcessor`]), tokenizes prompts (with task
+    strings in the augmented-prompt variant), encodes the ` 0`-marked keyword targets and decodes generated sequences
+    back to prompt-word indices.
+
+    A transformers `ProcessorMixin`: `save_pretrained(dir)` writes `processor_config.json` and the tokenizer's files,
+    and `RAHFProcessor.from_pretrained(dir)` or `AutoProcessor.from_pretrained(dir)` reads them back (folders in the
+    older `rahf_processor_config.json` layout load too).
 
     Args:
         tokenizer ([`PreTrainedTokenizerBase`]): T5's tokenizer, or the offline one of [`build_offline_tokenizer`].
-        image_size (`int`): side of the square image the vision tower takes.
-        image_mean (`list[float]`), image_std (`list[float]`): per-channel normalisation.
+        image_processor ([`RAHFImageProcessor`] or `dict`, *optional*): the image preprocessing, or its settings; built
+            from `image_size`, `image_mean` and `image_std` when not given.
+        image_size (`int`, *optional*): side of the square image the vision tower takes.
+        image_mean (`list[float]`, *optional*), image_std (`list[float]`, *optional*): per-channel normalisation.
+            `image_size`, `image_mean` and `image_std` are needed without `image_processor`, and override its values
+            with one.
         variant (`str`): `"multi_head"` or `"augmented_prompt"`.
         task_strings (`dict[str, str]`): task -> text prepended to the prompt (augmented prompt).
         task_names (`list[str]`): the model's tasks in output order (`config.task_names`).
@@ -216,27 +400,31 @@ class RAHFProcessor:
     ```
     """
 
+    # Annotations for readers and type checkers; ProcessorMixin sets both in __init__.
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: RAHFImageProcessor
+
+    # Transformers reads the sub-processors from the parameters whose names contain "tokenizer" / "image_processor", in
+    # this order; the tokenizer first, so that `RAHFProcessor(tokenizer, image_size=..., ...)` still builds one.
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        image_size: int,
-        image_mean: Sequence[float],
-        image_std: Sequence[float],
-        variant: str,
-        task_strings: dict[str, str],
-        task_names: Sequence[str],
+        image_processor: RAHFImageProcessor | dict[str, Any] | None = None,
+        image_size: int | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        variant: str | None = None,
+        task_strings: dict[str, str] | None = None,
+        task_names: Sequence[str] | None = None,
         max_text_length: int = 128,
         max_target_length: int = 192,
-    ):
+    ) -> None:
         if tokenizer is None:
             raise ValueError(
                 "`tokenizer` is required: pass T5's tokenizer or rahf.tokenization.build_offline_tokenizer()"
             )
         where = PROCESSOR_CONFIG_NAME
-        self.tokenizer = tokenizer
-        self.image_size = check_int("image_size", image_size, example=384, where=where)
-        self.image_mean = check_image_statistics("image_mean", image_mean)
-        self.image_std = check_image_statistics("image_std", image_std, positive=True)
+        image_processor = _build_image_processor(image_processor, image_size, image_mean, image_std, where)
         if variant not in VARIANTS:
             raise ValueError(
                 f"`variant` must be one of {list(VARIANTS)}, got {variant!r}; write one of them in {where}"
@@ -246,6 +434,22 @@ class RAHFProcessor:
         self.task_strings = _check_task_strings(task_strings, self.task_names, variant)
         self.max_text_length = check_int("max_text_length", max_text_length, MIN_TEXT_LENGTH, 128, where)
         self.max_target_length = check_int("max_target_length", max_target_length, MIN_TEXT_LENGTH, 192, where)
+        super().__init__(tokenizer=tokenizer, image_processor=image_processor)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square image the vision tower takes (the image processor's `size`)."""
+        return self.image_processor.image_size
+
+    @property
+    def image_mean(self) -> list[float]:
+        """Per-channel mean of the image normalisation (the image processor's)."""
+        return list(self.image_processor.image_mean)
+
+    @property
+    def image_std(self) -> list[float]:
+        """Per-channel standard deviation of the image normalisation (the image processor's)."""
+        return list(self.image_processor.image_std)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction, saving, loading
@@ -274,9 +478,7 @@ class RAHFProcessor:
             mean, std = _image_stats_of(config.vision_model_name_or_path, mean, std)
         return cls(
             tokenizer=tokenizer,
-            image_size=config.image_size,
-            image_mean=mean,
-            image_std=std,
+            image_processor=RAHFImageProcessor(size=config.image_size, image_mean=mean, image_std=std),
             variant=config.variant,
             task_strings=config.task_strings,
             task_names=config.task_names,
@@ -284,40 +486,54 @@ class RAHFProcessor:
             max_target_length=config.max_target_length,
         )
 
-    def to_dict(self) -> dict:
-        return {
-            "processor_class": type(self).__name__,
-            "image_size": self.image_size,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-            "variant": self.variant,
-            "task_strings": self.task_strings,
-            "task_names": self.task_names,
-            "max_text_length": self.max_text_length,
-            "max_target_length": self.max_target_length,
-        }
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        save_processor_config(save_directory, self.to_dict(), self.tokenizer)
-
     @classmethod
-    def from_pretrained(cls, pretrained_path: str | os.PathLike, flag: str = "pretrained_path") -> RAHFProcessor:
-        """Loads the processor saved in a local folder by `save_pretrained`; `flag` names the argument in errors."""
-        how_to_save = "the processor with `processor.save_pretrained(dir)` (or `rahf init-model`)"
-        folder = resolve_pretrained_path(pretrained_path, flag, what="a saved model folder", allow_hub=False)
-        path, kwargs = load_processor_config(folder, how_to_save)
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, flag: str = "pretrained_path", **kwargs: Any
+    ) -> RAHFProcessor:
+        """Loads the processor saved in a local folder by `save_pretrained`, in the current layout
+        (`processor_config.json`) or the older one (`rahf_processor_config.json`).
+
+        Args:
+            pretrained_model_name_or_path: the folder (a model folder, or a pipeline's `reward_processor/`).
+            flag: the argument's name in error messages.
+            kwargs: `subfolder=`, hub options (ignored: the folder is local), and processor settings that replace the
+                saved ones (e.g. `max_text_length=64`).
+        """
+        subfolder = kwargs.pop("subfolder", None) or ""
+        for key in _HUB_LOADING_KWARGS:
+            kwargs.pop(key, None)
+        folder = resolve_pretrained_path(
+            pretrained_model_name_or_path, flag, what="a saved model folder", allow_hub=False
+        )
+        path = Path(folder) / subfolder
         expected = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
         unknown = sorted(set(kwargs) - expected)
         if unknown:
             raise ValueError(
-                f"{str(path / PROCESSOR_CONFIG_NAME)!r} has unknown settings {unknown}; the processor takes "
-                f"{sorted(expected)}: remove or rename them"
+                f"RAHFProcessor.from_pretrained got unknown keyword arguments {unknown}; it takes subfolder=, hub "
+                f"options and the processor settings {sorted(expected)}"
             )
-        tokenizer = load_saved_tokenizer(path, how_to_save)
+        if (path / PROCESSOR_CONFIG_NAME).is_file():
+            settings, config_file = _read_processor_config(path / PROCESSOR_CONFIG_NAME, cls.__name__)
+        elif (path / LEGACY_PROCESSOR_CONFIG_NAME).is_file():
+            # Written before the processor was a ProcessorMixin: flat settings, read as keywords of the constructor.
+            path, settings = load_processor_config(path, _HOW_TO_SAVE)
+            config_file = path / LEGACY_PROCESSOR_CONFIG_NAME
+            expected -= {"image_processor"}
+            logger.info("%s is in the older processor layout; save_pretrained writes %s", config_file, PROCESSOR_NAME)
+        else:
+            raise ValueError(f"{str(path)!r} has no {PROCESSOR_CONFIG_NAME}; save {_HOW_TO_SAVE} next to the model")
+        unknown = sorted(set(settings) - expected)
+        if unknown:
+            raise ValueError(
+                f"{str(config_file)!r} has unknown settings {unknown}; the processor takes {sorted(expected)}: remove or "
+                "rename them"
+            )
+        tokenizer = load_saved_tokenizer(path, _HOW_TO_SAVE)
         try:
-            return cls(tokenizer=tokenizer, **kwargs)
+            return cls(tokenizer=tokenizer, **{**settings, **kwargs})
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{str(path / PROCESSOR_CONFIG_NAME)!r}: {err}") from None
+            raise ValueError(f"{str(config_file)!r}: {err}") from None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Images
@@ -325,15 +541,7 @@ class RAHFProcessor:
     def preprocess_images(self, images: Sequence[ImageInput], max_image_pixels: int | None = None) -> torch.Tensor:
         """Images of any size and mode -> `pixel_values` (B, 3, image_size, image_size), normalised. Images above
         `max_image_pixels` pixels are refused (see `load_image`)."""
-        arrays = []
-        for image in images:
-            rgb = load_image(image, max_pixels=max_image_pixels)
-            rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (batch - mean) / std
+        return self.image_processor(images, max_image_pixels=max_image_pixels)["pixel_values"]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Prompts
@@ -403,7 +611,9 @@ class RAHFProcessor:
         if text is not None:
             prompts = check_prompts(text)
             if images is not None and len(prompts) != len(out["pixel_values"]):
-                raise ValueError(f"got {len(out['pixel_values'])} images and {len(prompts)} prompts: pass one prompt per image")
+                raise ValueError(
+                    f"got {len(out['pixel_values'])} images and {len(prompts)} prompts: pass one prompt per image"
+                )
             out.update(self.encode_prompts(prompts, tasks))
             if keyword_labels is not None:
                 out["labels"] = self.encode_keyword_targets(prompts, keyword_labels)
@@ -425,7 +635,9 @@ class RAHFProcessor:
         # One tokenization: lengths for the warning, then our own truncation and padding.
         ids = self.tokenizer(rows, truncation=False)["input_ids"]
         self._warn_truncation([len(x) for x in ids])
-        enc = self.tokenizer.pad({"input_ids": [self._truncate(x) for x in ids]}, padding="longest", return_tensors="pt")
+        enc = self.tokenizer.pad(
+            {"input_ids": [self._truncate(x) for x in ids]}, padding="longest", return_tensors="pt"
+        )
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         out["image_index"] = torch.tensor(image_index, dtype=torch.long)
         if task_ids is not None:
@@ -447,7 +659,10 @@ class RAHFProcessor:
             logger.warning(
                 "%d prompt(s) longer than max_text_length=%d tokens were truncated (first: row %d, %d tokens); "
                 "their words past the limit are neither read nor labelled",
-                len(over), self.max_text_length, over[0], lengths[over[0]],
+                len(over),
+                self.max_text_length,
+                over[0],
+                lengths[over[0]],
             )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -457,9 +672,7 @@ class RAHFProcessor:
         """(prompt words, labels) -> target text with ` 0` after each misaligned word (label 0)."""
         return encode_keyword_target(words, labels)
 
-    def encode_keyword_targets(
-        self, prompts: Sequence[str], keyword_labels: Sequence[Sequence[int]]
-    ) -> torch.Tensor:
+    def encode_keyword_targets(self, prompts: Sequence[str], keyword_labels: Sequence[Sequence[int]]) -> torch.Tensor:
         """Prompts and their word labels -> `labels` (B, T) token ids, -100 on padding.
 
         Words that truncation drops from the prompt are dropped from the target too, so that the model is never
@@ -499,20 +712,83 @@ class RAHFProcessor:
         marked = self.tokenizer(f"a {MARKER}", add_special_tokens=False)["input_ids"]
         if len(marked) != len(word) + 1 or marked[: len(word)] != word:
             raise ValueError(
-                f"this tokenizer writes the keyword marker ' {MARKER}' as {marked[len(word):]} rather than one token; "
+                f"this tokenizer writes the keyword marker ' {MARKER}' as {marked[len(word) :]} rather than one token; "
                 "threshold decoding (`keyword_threshold`) needs a single-token marker: leave keyword_threshold unset"
             )
         return int(marked[-1])
 
-    def decode_keywords(
-        self, sequences: torch.Tensor | Sequence[str], prompts: Sequence[str]
-    ) -> list[list[int]]:
+    def decode_keywords(self, sequences: torch.Tensor | Sequence[str], prompts: Sequence[str]) -> list[list[int]]:
         """Generated token ids (or texts) -> per prompt, the sorted indices of its misaligned words."""
         if isinstance(sequences, torch.Tensor):
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         else:
             texts = list(sequences)
         return [decode_keyword_indices(t, split_prompt_words(p)) for t, p in zip(texts, prompts)]
+
+
+def _build_image_processor(
+    image_processor: RAHFImageProcessor | dict[str, Any] | None,
+    image_size: int | None,
+    image_mean: Sequence[float] | None,
+    image_std: Sequence[float] | None,
+    where: str,
+) -> RAHFImageProcessor:
+    """The processor's image processor: `image_processor` (or one built from its settings), with `image_size`,
+    `image_mean` and `image_std` replacing its values when given; without one, built from those three."""
+    if image_processor is None:
+        if image_size is None:
+            raise ValueError(
+                "pass `image_processor` (a RAHFImageProcessor) or `image_size`, `image_mean` and `image_std`; e.g. "
+                "RAHFProcessor.from_config(config)"
+            )
+        settings: dict[str, Any] = {}
+    elif isinstance(image_processor, RAHFImageProcessor):
+        settings = image_processor.to_dict()
+    elif isinstance(image_processor, dict):
+        settings = dict(image_processor)
+        found = settings.get("image_processor_type", RAHFImageProcessor.__name__)
+        if found != RAHFImageProcessor.__name__:
+            raise ValueError(
+                f"`image_processor` is a {found}'s settings, but RAHFProcessor takes a RAHFImageProcessor; write "
+                f'"image_processor_type": "RAHFImageProcessor" in {where}, with size, image_mean and image_std'
+            )
+    else:
+        raise ValueError(
+            f"`image_processor` must be a RAHFImageProcessor (or a dict of its settings), got a "
+            f"{type(image_processor).__name__}: RAHF's images are prepared by its own image processor"
+        )
+    if image_size is not None:
+        settings["size"] = check_int("image_size", image_size, example=384, where=where)
+    if image_mean is not None or "image_mean" not in settings:
+        settings["image_mean"] = check_image_statistics("image_mean", image_mean)
+    if image_std is not None or "image_std" not in settings:
+        settings["image_std"] = check_image_statistics("image_std", image_std, positive=True)
+    if isinstance(image_processor, RAHFImageProcessor) and (image_size, image_mean, image_std) == (None, None, None):
+        return image_processor
+    return RAHFImageProcessor(**settings)
+
+
+def _read_processor_config(config_file: Path, class_name: str) -> tuple[dict[str, Any], Path]:
+    """The constructor keywords saved in a `processor_config.json` (without transformers' bookkeeping keys)."""
+    try:
+        settings = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err}); save {_HOW_TO_SAVE} again") from None
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{str(config_file)!r} must hold a JSON object of processor settings, got a {type(settings).__name__}; "
+            f"save {_HOW_TO_SAVE} again"
+        )
+    found = settings.pop("processor_class", class_name)
+    if found != class_name:
+        raise ValueError(
+            f"{str(config_file)!r} holds the settings of a {found}, not of a {class_name}; load it with that class "
+            "(or AutoProcessor), or save a RAHF processor there"
+        )
+    # auto_map names remote code, which a local RAHF processor never needs; a chat template has no use here.
+    for key in ("auto_map", "chat_template"):
+        settings.pop(key, None)
+    return settings, config_file
 
 
 def _image_stats_of(path: str, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
@@ -540,7 +816,17 @@ def _image_stats_of(path: str, mean: list[float], std: list[float]) -> tuple[lis
         raise ValueError(f"the preprocessor_config.json of {path!r}: {err}") from None
 
 
+# Registered for RAHFConfig so that AutoProcessor / AutoImageProcessor load a saved folder (they find the classes by the
+# names in processor_config.json). One class serves both of transformers' image backends: it needs neither.
+AutoImageProcessor.register(
+    RAHFConfig, image_processor_classes={"pil": RAHFImageProcessor, "torchvision": RAHFImageProcessor}, exist_ok=True
+)
+AutoProcessor.register(RAHFConfig, RAHFProcessor, exist_ok=True)
+
 __all__ = [
+    "LEGACY_PROCESSOR_CONFIG_NAME",
+    "PROCESSOR_CONFIG_NAME",
+    "RAHFImageProcessor",
     "RAHFProcessor",
     "check_prompts",
     "load_image",

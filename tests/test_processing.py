@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import ProcessorMixin
 
 from rahf import RAHFProcessor, load_image, split_prompt_words
+from rahf.image_io import ImageTooLargeError
+from rahf.processing_rahf import RAHFImageProcessor
 from rahf.testing import tiny_rahf_processor
 
 
@@ -120,9 +123,16 @@ def test_label_count_mismatch_is_an_error():
 
 def test_save_and_load(tmp_path):
     processor = tiny_rahf_processor("augmented_prompt")
+    assert isinstance(processor, ProcessorMixin) and isinstance(processor.image_processor, RAHFImageProcessor)
     processor.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     again = RAHFProcessor.from_pretrained(tmp_path)
     assert again.to_dict() == processor.to_dict()
+    assert (again.image_size, again.image_mean, again.image_std) == (32, [0.5] * 3, [0.5] * 3)
     enc_a, enc_b = processor(text=["a red 0 cat"]), again(text=["a red 0 cat"])
     assert torch.equal(enc_a["input_ids"], enc_b["input_ids"])
 
@@ -130,3 +140,14 @@ def test_save_and_load(tmp_path):
 def test_loading_a_folder_without_a_processor_says_how_to_fix(tmp_path):
     with pytest.raises(ValueError, match="save_pretrained"):
         RAHFProcessor.from_pretrained(tmp_path)
+
+
+def test_the_image_processor_keeps_the_pixel_cap_and_refuses_call_time_settings():
+    image_processor = tiny_rahf_processor().image_processor
+    with pytest.raises(ImageTooLargeError, match="40 x 30 = 1,200 pixels, more than the cap of 100"):
+        image_processor(Image.new("RGB", (40, 30)), max_image_pixels=100)
+    assert image_processor(Image.new("RGB", (40, 30)), max_image_pixels=1200)["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"no call-time settings \['size'\]"):
+        image_processor(Image.new("RGB", (8, 8)), size=16)
+    with pytest.raises(ValueError, match="`images` is empty"):
+        image_processor([])
