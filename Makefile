@@ -9,7 +9,7 @@ PIP_TORCH_ARGS ?=
 PYTEST_ARGS ?= -n 2
 DEMO_OUT ?= demo-output
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-fast demo lint format clean
 
 install: $(VENV)/.rahf-installed
 
@@ -24,11 +24,22 @@ test: install
 	# Two single-threaded workers beat two workers fighting over two cores with two threads each.
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# Day-to-day: the suite without the slow end-to-end runs and the two-process launches (`make test` runs everything).
+test-fast: install
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) -m "not slow and not distributed"
+
 demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/rahf demo --out $(DEMO_OUT)
 
+LINT_PATHS := rahf improve pipelines configs tests benchmarks
+
 lint: install
-	$(VENV)/bin/ruff check rahf improve pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+format: install
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info

@@ -17,6 +17,7 @@ _EXPORTS = {
     "RAHFOutput": ".modeling_rahf",
     "RAHFPreTrainedModel": ".modeling_rahf",
     "RAHFProcessor": ".processing_rahf",
+    "RAHFImageProcessor": ".processing_rahf",
     "load_image": ".processing_rahf",
     "RichFeedback": ".predictor",
     "RichFeedbackPredictor": ".predictor",
@@ -40,6 +41,7 @@ __all__ = [
     "RAHFModel",
     "RAHFOutput",
     "RAHFPreTrainedModel",
+    "RAHFImageProcessor",
     "RAHFProcessor",
     "RichFeedback",
     "RichFeedbackPredictor",
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from .keywords import decode_keyword_indices, encode_keyword_target, split_prompt_words
     from .modeling_rahf import RAHFModel, RAHFOutput, RAHFPreTrainedModel
     from .predictor import RichFeedback, RichFeedbackPredictor, predict_to_folder
-    from .processing_rahf import RAHFProcessor, load_image
+    from .processing_rahf import RAHFImageProcessor, RAHFProcessor, load_image
     from .reward import RAHFReward, get_reward, list_rewards
 
 

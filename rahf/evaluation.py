@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .baselines import _resize_map, load_rater, rater_capabilities
+from .baselines import load_rater, rater_capabilities, resize_map
 from .constants import HEATMAP_NAMES, SCORE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -224,9 +224,9 @@ class _Example:
         self.image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         self.prompt = prompt
         self.words = words
-        self.gt_maps = {k: _resize_map(v, size[1], size[0]) for k, v in gt_maps.items()}
+        self.gt_maps = {k: resize_map(v, size[1], size[0]) for k, v in gt_maps.items()}
         self.pred_maps = {
-            k: _resize_map(np.asarray(v, dtype=np.float32), size[1], size[0]) for k, v in pred_maps.items()
+            k: resize_map(np.asarray(v, dtype=np.float32), size[1], size[0]) for k, v in pred_maps.items()
         }
         self.gt_words = gt_words
         self.pred_words = pred_words
@@ -320,7 +320,7 @@ def evaluate(
                     raise ValueError(f"record {index}: the {h!r} heatmap must be HxW, got shape {pred.shape}")
                 pred_maps[h] = pred
                 try:
-                    heat[h].add(_resize_map(pred, *gt_maps[h].shape), gt_maps[h])
+                    heat[h].add(resize_map(pred, *gt_maps[h].shape), gt_maps[h])
                 except ValueError as err:
                     raise ValueError(f"record {index} ({h} heatmap): {err}") from err
             gt_kw = misaligned_indices(rows["word_labels"][i])

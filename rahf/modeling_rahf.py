@@ -358,11 +358,11 @@ class RAHFModel(RAHFPreTrainedModel):
                     "SigLIP or CLIP vision tower"
                 )
             extra = {"add_pooling_layer": False} if tower_cls is ViTModel else {}
-            vision_model = tower_cls.from_pretrained(vision_path, **extra, **kwargs)
+            vision_model = tower_cls.from_pretrained(vision_path, **extra, **{"use_safetensors": True, **kwargs})
             config.vision_config = vision_model.config
             config.vision_model_name_or_path = str(vision_path)
         if text_path:
-            text_model = T5ForConditionalGeneration.from_pretrained(text_path, **kwargs)
+            text_model = T5ForConditionalGeneration.from_pretrained(text_path, **{"use_safetensors": True, **kwargs})
             config.text_config = text_model.config
             config.text_model_name_or_path = str(text_path)
         return cls(config, vision_model=vision_model, text_model=text_model)

@@ -94,7 +94,7 @@ def _rel(path: str) -> str:
 EVENT_POINTS = {
     "scratch folder made": ("os.mkdir", ".tmp-checkpoint-4"),
     "model config opened": ("open", ".tmp-checkpoint-4/model/config.json"),
-    "processor config opened": ("open", ".tmp-checkpoint-4/model/rahf_processor_config.json"),
+    "processor config opened": ("open", ".tmp-checkpoint-4/model/processor_config.json"),
     "training state opened": ("open", ".tmp-checkpoint-4/training_state.json"),
     "marker opened": ("open", f".tmp-checkpoint-4/{COMPLETE_MARKER}.tmp"),
     "marker renamed": ("os.rename", f".tmp-checkpoint-4/{COMPLETE_MARKER}.tmp"),

@@ -352,12 +352,12 @@ def test_init_model_reports_a_bad_preset_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"image_mean": [0.5]}, r"`image_mean` must be a list of 3 numbers .*got \[0.5\]"),
-        ({"image_std": [0, 0, 0]}, r"`image_std` must hold 3 numbers > 0"),
-        ({"image_std": [0.5, 0.5, "0.5"]}, r"`image_std` must hold 3 finite numbers"),
-        ({"max_text_length": -5}, "`max_text_length` must be an int >= 2, got -5 .*rahf_processor_config.json"),
+        ({"image_processor": {"image_mean": [0.5]}}, r"`image_mean` must be a list of 3 numbers .*got \[0.5\]"),
+        ({"image_processor": {"image_std": [0, 0, 0]}}, r"`image_std` must hold 3 numbers > 0"),
+        ({"image_processor": {"image_std": [0.5, 0.5, "0.5"]}}, r"`image_std` must hold 3 finite numbers"),
+        ({"max_text_length": -5}, "`max_text_length` must be an int >= 2, got -5 .*processor_config.json"),
         ({"max_target_length": 0}, "`max_target_length` must be an int >= 2, got 0"),
-        ({"image_size": "32"}, "`image_size` must be a positive int, got '32' .*write 32 in rahf_processor_config"),
+        ({"image_processor": {"size": "32"}}, "`size` must be a positive int, got '32' .*write 32 in the `image_processor` entry"),
         ({"variant": "both"}, "`variant` must be one of"),
         ({"task_names": []}, "`task_names` must be a non-empty list"),
         ({"task_strings": {"overall": 3}}, "`task_strings` must map each task to a non-empty text"),
@@ -366,11 +366,14 @@ def test_init_model_reports_a_bad_preset_in_one_line(tmp_path, capsys):
 )
 def test_a_bad_processor_config_names_the_field_and_the_file(saved_model, tmp_path, changes, message):
     folder = copy_of(saved_model, tmp_path)
-    edit_json(folder / "rahf_processor_config.json", **changes)
+    if "image_processor" in changes:  # the image processor's settings are nested in processor_config.json
+        saved = json.loads((folder / "processor_config.json").read_text())["image_processor"]
+        changes = {**changes, "image_processor": {**saved, **changes["image_processor"]}}
+    edit_json(folder / "processor_config.json", **changes)
     for load in (RAHFProcessor.from_pretrained, RichFeedbackPredictor.from_pretrained):
         with pytest.raises(ValueError, match=message) as err:
             load(folder)
-        assert "rahf_processor_config.json" in str(err.value)
+        assert "processor_config.json" in str(err.value)
 
 
 def test_processor_construction_is_checked_too():
@@ -386,7 +389,7 @@ def test_processor_construction_is_checked_too():
 
 def test_unreadable_processor_files_are_clear_errors(saved_model, tmp_path):
     folder = copy_of(saved_model, tmp_path)
-    (folder / "rahf_processor_config.json").write_text("{not json")
+    (folder / "processor_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         RAHFProcessor.from_pretrained(folder)
     folder2 = tmp_path / "no_tokenizer"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import zipfile
 
+import pytest
+
 
 def test_the_wheel_installs_exactly_one_top_level_package(installed_wheel):
     with zipfile.ZipFile(installed_wheel.wheel) as wheel:
@@ -21,6 +23,7 @@ def test_the_wheel_installs_exactly_one_top_level_package(installed_wheel):
         assert preset in names, preset
 
 
+@pytest.mark.slow
 def test_the_cli_runs_from_the_wheel_outside_the_checkout(installed_wheel, tmp_path):
     # A user's own folders named like our subpackages must not shadow them.
     for name in ("pipelines", "improve"):

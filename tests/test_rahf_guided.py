@@ -313,7 +313,7 @@ def test_save_and_load_round_trip(ddim_pipes, tmp_path):
     _, pipe = ddim_pipes
     pipe.save_pretrained(tmp_path / "guided")
     assert (tmp_path / "guided" / "reward_model" / "config.json").is_file()
-    assert (tmp_path / "guided" / "reward_processor" / "rahf_processor_config.json").is_file()
+    assert (tmp_path / "guided" / "reward_processor" / "processor_config.json").is_file()
     assert pipe.config.reward_processor == ("rahf.processing_rahf", "RAHFProcessor")  # not changed by saving
     loaded = RAHFGuidedStableDiffusionPipeline.from_pretrained(tmp_path / "guided")
     loaded.set_progress_bar_config(disable=True)

@@ -359,7 +359,7 @@ def test_save_pretrained_from_pretrained_carries_the_reward_model(tmp_path, vari
     assert index["reward_model"] == ["rahf.modeling_rahf", "RAHFModel"]
     assert index["reward_processor"] == ["rahf.processing_rahf", "RAHFProcessor"]
     assert (tmp_path / "reward_model" / "model.safetensors").is_file()
-    assert (tmp_path / "reward_processor" / "rahf_processor_config.json").is_file()
+    assert (tmp_path / "reward_processor" / "processor_config.json").is_file()
     loaded = cls.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     _assert_same_reward(pipe, loaded)

@@ -291,7 +291,7 @@ def test_run_writes_pruned_checkpoints_logs_and_a_loadable_final_model(tiny_setu
         "random_states_0.pkl",
         "training_state.json",
         "model/model.safetensors",
-        "model/rahf_processor_config.json",
+        "model/processor_config.json",
     ):
         assert (out / "checkpoint-6" / name).is_file(), name
     assert json.loads((out / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6

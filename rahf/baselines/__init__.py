@@ -61,9 +61,6 @@ from .raters import CLIP_MODES, BaselineRater, CenterPriorRater, CLIPRater, rate
 from .registry import BASELINES, BaselineSpec, build_baseline, load_rater
 from .resnet import RAHFResNetConfig, RAHFResNetModel, RAHFResNetPreTrainedModel, tiny_resnet_config
 
-# The name rahf.evaluation imported before `resize_map` was public; drop it once that import is renamed.
-_resize_map = resize_map
-
 __all__ = [
     "BASELINES",
     "CLIP_MEAN",

@@ -143,7 +143,7 @@ class RAHFCLIPModel(RAHFCLIPPreTrainedModel):
                 "pass `clip_model_name_or_path` (e.g. 'openai/clip-vit-large-patch14') or set it in the config"
             )
         config = config.__class__.from_dict(config.to_dict())
-        clip = CLIPModel.from_pretrained(path, **kwargs)
+        clip = CLIPModel.from_pretrained(path, **{"use_safetensors": True, **kwargs})  # never unpickle a tower
         config.clip_config = clip.config
         config.clip_model_name_or_path = str(path)
         return cls(config, clip=clip)

@@ -251,7 +251,7 @@ class CLIPRater:
         """Loads a `CLIPModel` checkpoint (hub id or folder) with the tokenizer and image statistics of
         `processor_name_or_path` (default: the checkpoint itself; PickScore's is
         `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`)."""
-        model = CLIPModel.from_pretrained(pretrained_model_name_or_path)
+        model = CLIPModel.from_pretrained(pretrained_model_name_or_path, use_safetensors=True)
         processor = clip_processor(model.config, str(processor_name_or_path or pretrained_model_name_or_path))
         return cls(model, processor, mode=mode, **kwargs)
 

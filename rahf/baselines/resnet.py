@@ -166,6 +166,7 @@ class RAHFResNetModel(RAHFResNetPreTrainedModel):
         if not path:
             raise ValueError("pass `backbone_name_or_path` (e.g. 'microsoft/resnet-50') or set it in the config")
         config = config.__class__.from_dict(config.to_dict())  # never mutate the caller's config
+        kwargs = {"use_safetensors": True, **kwargs}  # never unpickle a backbone
         resnet = ResNetModel.from_pretrained(path, **kwargs)
         score_resnet = ResNetModel.from_pretrained(path, **kwargs) if config.separate_backbones else None
         config.resnet_config = resnet.config
