@@ -24,21 +24,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-JOBS = {"rahf_multi_head": ["--variant", "multi_head"],
-        "rahf_augmented_prompt": ["--variant", "augmented_prompt", "--tasks_per_image", "3"]}
+JOBS = {
+    "rahf_multi_head": ["--variant", "multi_head"],
+    "rahf_augmented_prompt": ["--variant", "augmented_prompt", "--tasks_per_image", "3"],
+}
 
 
 def _command(name: str, data: Path, out: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "rahf.train",
-        "--config", str(ROOT / "configs/train/synth_tiny.yaml"),
-        "--data_dir", str(data),
-        "--output_dir", str(out / name),
-        "--max_train_steps", str(steps),
-        "--validation_split", "none",
-        "--checkpointing_steps", "0",
-        "--calibrate_keyword_threshold", "false",
-        "--seed", "0",
+        sys.executable,
+        "-m",
+        "rahf.train",
+        "--config",
+        str(ROOT / "configs/train/synth_tiny.yaml"),
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(out / name),
+        "--max_train_steps",
+        str(steps),
+        "--validation_split",
+        "none",
+        "--checkpointing_steps",
+        "0",
+        "--calibrate_keyword_threshold",
+        "false",
+        "--seed",
+        "0",
         *JOBS[name],
     ]
 
@@ -56,8 +68,10 @@ def _run(commands: list[list[str]], threads: int, concurrent: bool, log: Path) -
             procs = [subprocess.Popen(c, env=_env(threads), stdout=sink, stderr=subprocess.STDOUT) for c in commands]
             codes = [p.wait() for p in procs]
         else:
-            codes = [subprocess.run(c, env=_env(threads), stdout=sink, stderr=subprocess.STDOUT).returncode
-                     for c in commands]
+            codes = [
+                subprocess.run(c, env=_env(threads), stdout=sink, stderr=subprocess.STDOUT).returncode
+                for c in commands
+            ]
     if any(codes):
         raise SystemExit(f"a training job failed (exit codes {codes}); see {log}")
     return time.perf_counter() - start
@@ -75,9 +89,27 @@ def main() -> None:
         tmp = Path(tmp)
         data = Path(args.data) if args.data else tmp / "data"
         if not args.data:
-            subprocess.run([sys.executable, "-m", "rahf", "data", "synth", "--out", str(data), "--num_train", "800",
-                            "--num_validation", "0", "--num_test", "0"], check=True, env=_env(cores),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "rahf",
+                    "data",
+                    "synth",
+                    "--out",
+                    str(data),
+                    "--num_train",
+                    "800",
+                    "--num_validation",
+                    "0",
+                    "--num_test",
+                    "0",
+                ],
+                check=True,
+                env=_env(cores),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         log = tmp / "train.log"
         times: dict[str, list[float]] = {"sequential": [], "concurrent": []}
         for r in range(args.repeats):

@@ -30,8 +30,9 @@ PROMPT = "a red circle above a blue square on a wooden table, highly detailed ph
 
 def build(size: str, variant: str, device: str, dtype: torch.dtype = torch.float32) -> RichFeedbackPredictor:
     config = RAHFConfig.from_json_file(ROOT / "configs" / "model" / f"{size}.json")
-    config = RAHFConfig.from_dict({**config.to_dict(), "variant": variant, "vision_model_name_or_path": None,
-                                   "text_model_name_or_path": None})  # random towers: no hub needed
+    config = RAHFConfig.from_dict(
+        {**config.to_dict(), "variant": variant, "vision_model_name_or_path": None, "text_model_name_or_path": None}
+    )  # random towers: no hub needed
     torch.manual_seed(0)
     model = RAHFModel(config).to(dtype)
     processor = RAHFProcessor.from_config(config, tokenizer=build_offline_tokenizer(1024))
@@ -73,7 +74,9 @@ def main(argv=None) -> int:
     results = []
     dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"device={args.device} ({name}) dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(
+        f"device={args.device} ({name}) dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
     print(f"{'size':5} {'batch':>5} {'multi img/s':>12} {'augm img/s':>11} {'ratio m/a':>10} {'FLOP floor':>11}")
     for size in args.sizes:
         on_gpu = args.device.startswith("cuda")
@@ -92,14 +95,18 @@ def main(argv=None) -> int:
         row["slowdown"] = row["multi_head"] / row["augmented_prompt"]
         row["flop_floor"] = row["augmented_prompt_gflops"] / row["multi_head_gflops"]
         results.append(row)
-        print(f"{size:5} {batch:5d} {row['multi_head']:12.2f} {row['augmented_prompt']:11.2f} "
-              f"{row['slowdown']:9.2f}x {row['flop_floor']:10.2f}x")
+        print(
+            f"{size:5} {batch:5d} {row['multi_head']:12.2f} {row['augmented_prompt']:11.2f} "
+            f"{row['slowdown']:9.2f}x {row['flop_floor']:10.2f}x"
+        )
     print("ratio m/a: multi-head images/s over augmented images/s (how much slower augmented is);")
     print("FLOP floor: augmented FLOPs / multi-head FLOPs per image (vision once + 7 fusion passes vs 1).")
     for row in results:
-        print(f"{row['size']}: GFLOPs/image multi={row['multi_head_gflops']:.2f} "
-              f"(vision {row['multi_head_vision_gflops']:.2f}) augmented={row['augmented_prompt_gflops']:.2f} "
-              f"(vision {row['augmented_prompt_vision_gflops']:.2f})")
+        print(
+            f"{row['size']}: GFLOPs/image multi={row['multi_head_gflops']:.2f} "
+            f"(vision {row['multi_head_vision_gflops']:.2f}) augmented={row['augmented_prompt_gflops']:.2f} "
+            f"(vision {row['augmented_prompt_vision_gflops']:.2f})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

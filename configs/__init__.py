@@ -25,7 +25,7 @@ _PREFIX = "configs/"
 def preset_path(name: str) -> Path:
     """The installed file of a preset named `model/tiny.json` or `configs/model/tiny.json`; raises `ValueError` naming
     the presets when there is none."""
-    relative = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+    relative = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
     root = resources.files(__name__)
     candidate = root.joinpath(*relative.split("/"))
     if relative and candidate.is_file():

@@ -72,8 +72,19 @@ RUN_CONFIG_NAME = "run_config.json"
 TMP_MARK = ".tmp-"
 # Arguments that change which images are generated or kept: a rerun into the same output_dir must not change them.
 _IDENTITY_FIELDS = (
-    "pretrained_model_name_or_path", "revision", "variant", "reward_model", "num_images_per_prompt", "reward",
-    "threshold", "num_inference_steps", "guidance_scale", "resolution", "negative_prompt", "seed", "mixed_precision",
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "reward_model",
+    "num_images_per_prompt",
+    "reward",
+    "threshold",
+    "num_inference_steps",
+    "guidance_scale",
+    "resolution",
+    "negative_prompt",
+    "seed",
+    "mixed_precision",
 )
 
 
@@ -105,25 +116,33 @@ class BestOfNArguments:
     )
     prompts_file: str | None = field(
         default=None,
-        metadata={"help": "prompts: .txt (one per line; blank lines and lines starting with # skipped) or .jsonl "
-                          "(a `prompt` field per row)"},
+        metadata={
+            "help": "prompts: .txt (one per line; blank lines and lines starting with # skipped) or .jsonl "
+            "(a `prompt` field per row)"
+        },
     )
     output_dir: str = field(default="best-of-n-output", metadata={"help": "where kept/, all_scores.jsonl, ... go"})
     num_images_per_prompt: int = field(default=8, metadata={"help": "N: images generated per prompt"})
     reward: str = field(
         default="overall",
-        metadata={"help": "the reward to rank by: a name (plausibility, alignment, aesthetics, overall, "
-                          "-implausibility, -misalignment) or a weighted mix 'plausibility=0.5,aesthetics=0.5' "
-                          "('-implausibility=0.2' weighs minus the mean implausibility heat; write --reward=-implausibility "
-                          "with `=` on the command line)"},
+        metadata={
+            "help": "the reward to rank by: a name (plausibility, alignment, aesthetics, overall, "
+            "-implausibility, -misalignment) or a weighted mix 'plausibility=0.5,aesthetics=0.5' "
+            "('-implausibility=0.2' weighs minus the mean implausibility heat; write --reward=-implausibility "
+            "with `=` on the command line)"
+        },
     )
     threshold: float | None = field(
         default=None,
-        metadata={"help": "keep a prompt's best image only when its reward is above this (paper: 0.8 on "
-                          "plausibility); default: always keep the best"}
+        metadata={
+            "help": "keep a prompt's best image only when its reward is above this (paper: 0.8 on "
+            "plausibility); default: always keep the best"
+        },
     )
     num_inference_steps: int = field(default=50, metadata={"help": "denoising steps per image"})
-    guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (pipeline default)"})
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "classifier-free guidance (pipeline default)"}
+    )
     resolution: int | None = field(default=None, metadata={"help": "image height and width (pipeline default)"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
     seed: int = field(default=0, metadata={"help": "base seed: image i of prompt p uses derive_seed(seed, p, i)"})
@@ -131,9 +150,11 @@ class BestOfNArguments:
     reward_batch_size: int = field(default=16, metadata={"help": "images per RAHF forward pass"})
     mixed_precision: str | None = field(
         default=None,
-        metadata={"help": "the generator's dtype: auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; "
-                          "default: what `accelerate launch` says, else no",
-                  "choices": list(MIXED_PRECISIONS)},
+        metadata={
+            "help": "the generator's dtype: auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; "
+            "default: what `accelerate launch` says, else no",
+            "choices": list(MIXED_PRECISIONS),
+        },
     )
     device: str | None = field(default=None, metadata={"help": "e.g. cuda, cpu; default: the process's accelerator"})
     max_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts of the file"})
@@ -151,7 +172,9 @@ class BestOfNArguments:
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"`resolution` must be at least 8 pixels or unset, got {self.resolution!r}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+            raise ValueError(
+                f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
+            )
         parse_reward(self.reward)  # fails early on a malformed mix
 
     def identity(self) -> dict[str, Any]:
@@ -167,8 +190,12 @@ def parse_best_of_n_args(argv: list[str] | None = None) -> BestOfNArguments:
     >>> args = parse_best_of_n_args(["--config", "configs/improve/best_of_n.yaml", "--num_images_per_prompt", "4"])
     ```
     """
-    return parse_job_args(BestOfNArguments, argv, prog="rahf best-of-n",
-                          description="Generate N images per prompt, keep the best by a RAHF reward.")
+    return parse_job_args(
+        BestOfNArguments,
+        argv,
+        prog="rahf best-of-n",
+        description="Generate N images per prompt, keep the best by a RAHF reward.",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -267,8 +294,12 @@ def _load_done_shard(output_dir: Path, prompt_index: int, prompt: str) -> dict[s
     except ValueError:
         return None
     if record.get("prompt") != prompt:
-        logger.warning("prompt %d changed since it was generated (%r -> %r): generating it again", prompt_index,
-                       record.get("prompt"), prompt)
+        logger.warning(
+            "prompt %d changed since it was generated (%r -> %r): generating it again",
+            prompt_index,
+            record.get("prompt"),
+            prompt,
+        )
         return None
     kept = record.get("kept")
     if kept is not None:
@@ -298,13 +329,15 @@ def _clean_stale_files(output_dir: Path) -> int:
 # Generation
 
 
-def load_text_to_image_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                                variant: str | None = None):
+def load_text_to_image_pipeline(
+    name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None
+):
     """`DiffusionPipeline.from_pretrained`, with a clear error when the folder or hub id is not a pipeline."""
     from diffusers import DiffusionPipeline
 
-    name_or_path = resolve_pretrained_path(name_or_path, "--pretrained_model_name_or_path",
-                                           what="a diffusers pipeline folder (pipe.save_pretrained)")
+    name_or_path = resolve_pretrained_path(
+        name_or_path, "--pretrained_model_name_or_path", what="a diffusers pipeline folder (pipe.save_pretrained)"
+    )
     kwargs: dict[str, Any] = dtype_kwarg(dtype)
     if revision:
         kwargs["revision"] = revision
@@ -347,14 +380,21 @@ def generate_images(
             images += pipe(prompt, num_images_per_prompt=len(chunk), generator=generators, **kwargs).images
     else:
         for s in seeds:
-            images += pipe(prompt, num_images_per_prompt=1, generator=torch.Generator(gen_device).manual_seed(s),
-                           **kwargs).images
+            images += pipe(
+                prompt, num_images_per_prompt=1, generator=torch.Generator(gen_device).manual_seed(s), **kwargs
+            ).images
     return [im.convert("RGB") for im in images]
 
 
 def _process_prompt(
-    pipe, reward_fn: RewardFn, output_dir: Path, prompt_index: int, record: dict[str, Any], args: BestOfNArguments,
-    device: torch.device, process_index: int,
+    pipe,
+    reward_fn: RewardFn,
+    output_dir: Path,
+    prompt_index: int,
+    record: dict[str, Any],
+    args: BestOfNArguments,
+    device: torch.device,
+    process_index: int,
 ) -> dict[str, Any]:
     """Generates, scores and commits one prompt; returns its shard record."""
     prompt = record["prompt"]
@@ -380,8 +420,14 @@ def _process_prompt(
 
     rows = []
     for i in range(n):
-        row = {"image_index": i, "seed": seeds[i], "reward": rewards_list[i], "rank": rank[i],
-               "kept": bool(passes and i == best), "scores": {k: v[i] for k, v in table.items()}}
+        row = {
+            "image_index": i,
+            "seed": seeds[i],
+            "reward": rewards_list[i],
+            "rank": rank[i],
+            "kept": bool(passes and i == best),
+            "scores": {k: v[i] for k, v in table.items()},
+        }
         if args.save_all_images:
             name = f"{prompt_index:06d}-{i:02d}.{ext}"
             _atomic_write_bytes(output_dir / ALL_DIR / name, _encode_image(images[i], args.image_format))
@@ -393,8 +439,14 @@ def _process_prompt(
         data = _encode_image(images[best], args.image_format)
         _atomic_write_bytes(output_dir / KEPT_DIR / name, data)  # 1. the image
         kept = {"file_name": name, "image_index": best, "image_sha256": _sha256(data)}
-    shard = {"prompt_index": prompt_index, "prompt": prompt, "process_index": process_index,
-             "num_images_per_prompt": n, "rows": rows, "kept": kept}
+    shard = {
+        "prompt_index": prompt_index,
+        "prompt": prompt,
+        "process_index": process_index,
+        "num_images_per_prompt": n,
+        "rows": rows,
+        "kept": kept,
+    }
     shard_bytes = (json.dumps(shard, sort_keys=True) + "\n").encode("utf-8")
     _atomic_write_bytes(_shard_path(output_dir, prompt_index), shard_bytes)  # 2. the record
     _mark_done(output_dir, prompt_index, shard_bytes)  # 3. the marker, last
@@ -412,24 +464,48 @@ def _mark_done(output_dir: Path, prompt_index: int, shard_bytes: bytes) -> None:
 _OWN_IMAGE = re.compile(r"\d{6}-\d{2,}\.(png|jpg)")
 
 
-def _merge(output_dir: Path, records: list[dict[str, Any]], args: BestOfNArguments, shards: list[dict[str, Any]],
-           generated: int, seconds: float) -> dict[str, Any]:
+def _merge(
+    output_dir: Path,
+    records: list[dict[str, Any]],
+    args: BestOfNArguments,
+    shards: list[dict[str, Any]],
+    generated: int,
+    seconds: float,
+) -> dict[str, Any]:
     """Writes kept/metadata.jsonl, all_scores.jsonl and summary.json from the shards, in prompt order."""
     n = args.num_images_per_prompt
     kept_rows, all_rows = [], []
     for shard in shards:
         p, prompt = shard["prompt_index"], shard["prompt"]
         for row in shard["rows"]:
-            flat = {"prompt_index": p, "prompt": prompt, "image_index": row["image_index"], "seed": row["seed"],
-                    **row["scores"], "reward": row["reward"], "rank": row["rank"], "kept": row["kept"]}
+            flat = {
+                "prompt_index": p,
+                "prompt": prompt,
+                "image_index": row["image_index"],
+                "seed": row["seed"],
+                **row["scores"],
+                "reward": row["reward"],
+                "rank": row["rank"],
+                "kept": row["kept"],
+            }
             if "file_name" in row:
                 flat["file_name"] = row["file_name"]
             all_rows.append(flat)
         if shard["kept"] is not None:
             row = shard["rows"][shard["kept"]["image_index"]]
-            kept_rows.append({"file_name": shard["kept"]["file_name"], "prompt": prompt, "prompt_index": p,
-                              "image_index": row["image_index"], "seed": row["seed"], **row["scores"],
-                              "reward": row["reward"], "rank": row["rank"], "num_images_per_prompt": n})
+            kept_rows.append(
+                {
+                    "file_name": shard["kept"]["file_name"],
+                    "prompt": prompt,
+                    "prompt_index": p,
+                    "image_index": row["image_index"],
+                    "seed": row["seed"],
+                    **row["scores"],
+                    "reward": row["reward"],
+                    "rank": row["rank"],
+                    "num_images_per_prompt": n,
+                }
+            )
     kept_dir = output_dir / KEPT_DIR
     kept_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(kept_dir / METADATA_NAME, "".join(json.dumps(r) + "\n" for r in kept_rows))
@@ -445,8 +521,12 @@ def _merge(output_dir: Path, records: list[dict[str, Any]], args: BestOfNArgumen
 
     score_names = sorted({k for r in all_rows for k in r if k in SCORE_NAMES or k.endswith("_mean")})
     summary = {
-        "num_prompts": len(records), "num_images": len(all_rows), "num_kept": len(kept_rows),
-        "kept_fraction": len(kept_rows) / max(1, len(records)), "reward": args.reward, "threshold": args.threshold,
+        "num_prompts": len(records),
+        "num_images": len(all_rows),
+        "num_kept": len(kept_rows),
+        "kept_fraction": len(kept_rows) / max(1, len(records)),
+        "reward": args.reward,
+        "threshold": args.threshold,
         "num_images_per_prompt": n,
         "mean_reward_all": mean([r["reward"] for r in all_rows]),
         "mean_reward_kept": mean([r["reward"] for r in kept_rows]),
@@ -526,8 +606,14 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
     if error is not None:
         raise ValueError(error)
     if state.is_main_process:
-        logger.info("%d prompt(s), %d already done, %d to generate with N=%d on %d process(es)", len(records),
-                    len(records) - len(pending), len(pending), args.num_images_per_prompt, state.num_processes)
+        logger.info(
+            "%d prompt(s), %d already done, %d to generate with N=%d on %d process(es)",
+            len(records),
+            len(records) - len(pending),
+            len(pending),
+            args.num_images_per_prompt,
+            state.num_processes,
+        )
 
     # 2. Models, only when there is work (a finished run just merges again).
     generated = 0
@@ -535,15 +621,23 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
         mine = list(mine)
     if mine:
         if pipe is None:
-            pipe = load_text_to_image_pipeline(args.pretrained_model_name_or_path, torch_dtype(args.mixed_precision),
-                                               revision=args.revision, variant=args.variant)
+            pipe = load_text_to_image_pipeline(
+                args.pretrained_model_name_or_path,
+                torch_dtype(args.mixed_precision),
+                revision=args.revision,
+                variant=args.variant,
+            )
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         if reward_fn is None:
             reward_fn = load_reward(args.reward, args.reward_model, device=device, batch_size=args.reward_batch_size)
         work_log = output_dir / WORK_LOG_DIR / f"rank{state.process_index}.jsonl"
-        bar = tqdm(mine, desc=f"best-of-{args.num_images_per_prompt} [rank {state.process_index}]", unit="prompt",
-                   position=state.process_index)
+        bar = tqdm(
+            mine,
+            desc=f"best-of-{args.num_images_per_prompt} [rank {state.process_index}]",
+            unit="prompt",
+            position=state.process_index,
+        )
         for p in bar:
             shard = _process_prompt(pipe, reward_fn, output_dir, p, records[p], args, device, state.process_index)
             generated += 1
@@ -564,9 +658,14 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
         if missing:
             raise RuntimeError(f"prompts {missing[:10]} have no finished shard after all processes returned")
         summary = _merge(output_dir, records, args, shards, len(pending), time.perf_counter() - start_time)
-        logger.info("kept %d of %d prompts (mean reward kept %s, all %s); wrote %s", summary["num_kept"],
-                    summary["num_prompts"], summary["mean_reward_kept"], summary["mean_reward_all"],
-                    output_dir / KEPT_DIR)
+        logger.info(
+            "kept %d of %d prompts (mean reward kept %s, all %s); wrote %s",
+            summary["num_kept"],
+            summary["num_prompts"],
+            summary["mean_reward_kept"],
+            summary["mean_reward_all"],
+            output_dir / KEPT_DIR,
+        )
     summary["generated_by_this_process"] = generated
     return summary
 

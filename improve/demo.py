@@ -118,14 +118,22 @@ def _data(out: Path, budget: DemoBudget):
 
 def _train_argv(name: str, data_dir: Path, out: Path, budget: DemoBudget) -> list[str]:
     argv = [
-        "--config", str(preset_path("train/synth_tiny.yaml")),
-        "--data_dir", str(data_dir),
-        "--output_dir", str(out / "runs" / name),
-        "--max_train_steps", str(budget.steps[name]),
-        "--train_batch_size", str(budget.train_batch_size),
-        "--validation_steps", str(budget.validation_steps),
-        "--checkpointing_steps", "0",
-        "--seed", "0",
+        "--config",
+        str(preset_path("train/synth_tiny.yaml")),
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out / "runs" / name),
+        "--max_train_steps",
+        str(budget.steps[name]),
+        "--train_batch_size",
+        str(budget.train_batch_size),
+        "--validation_steps",
+        str(budget.validation_steps),
+        "--checkpointing_steps",
+        "0",
+        "--seed",
+        "0",
     ]
     if name in RAHF_MODELS:
         argv += ["--variant", RAHF_MODELS[name]]
@@ -170,8 +178,12 @@ def _train_all(
     workers = max(1, min(len(names), cores))
     threads = max(1, cores // workers)
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_MININTERVAL="30",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TQDM_MININTERVAL="30",
+        TOKENIZERS_PARALLELISM="false",
+    )
     pending = list(names)
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
     bars = {
@@ -296,7 +308,9 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
 
     model_dirs: dict[str, Path] = {}
     with timer("untrained RAHF"):
-        model_dirs["rahf_untrained"] = init_model(str(preset_path("model/tiny.json")), str(out / "models" / "rahf_untrained"))
+        model_dirs["rahf_untrained"] = init_model(
+            str(preset_path("model/tiny.json")), str(out / "models" / "rahf_untrained")
+        )
     trained = ["rahf_multi_head", "rahf_augmented_prompt", "resnet50"]
     with timer("train " + " + ".join(trained) + " (concurrently)"):
         dirs, train_seconds = _train_all(trained, data_dir, out, budget)
@@ -308,8 +322,9 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
             rater = load_rater(model_dirs[name])
             metrics[name] = evaluate(rater, data["test"], out / "eval" / name, name=name, show_progress=False)
         prior = CenterPriorRater().fit(data["train"])
-        metrics["center_prior"] = evaluate(prior, data["test"], out / "eval" / "center_prior", name="center_prior",
-                                           show_progress=False)
+        metrics["center_prior"] = evaluate(
+            prior, data["test"], out / "eval" / "center_prior", name="center_prior", show_progress=False
+        )
 
     with timer("keywords with greedy decoding"):
         keyword_decoding = _keyword_decoding(model_dirs, data["test"])
@@ -334,8 +349,11 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
         "with `configs/train/synth_tiny.yaml` for "
         + ", ".join(f"{steps} optimizer steps ({name})" for name, steps in budget.steps.items())
         + f" at batch {budget.train_batch_size}"
-        + (f" (the augmented-prompt variant trains {budget.tasks_per_image} of its 7 task rows per image and step)"
-           if budget.tasks_per_image else "")
+        + (
+            f" (the augmented-prompt variant trains {budget.tasks_per_image} of its 7 task rows per image and step)"
+            if budget.tasks_per_image
+            else ""
+        )
         + ". `rahf_untrained` is the tiny RAHF at initialisation; `center_prior` a centred Gaussian fitted on the "
         "training maps (the floor).",
         "The paper's rows, where shown, are its published RichHF-18K figures, not measured here.",
@@ -349,8 +367,10 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
             f"P {100 * greedy[0]:.1f} / R {100 * greedy[1]:.1f} / F1 {100 * greedy[2]:.1f} %."
         )
     figures = [
-        ("Multi-head RAHF on test images (image | ground truth | prediction), implausibility",
-         "eval/rahf_multi_head/examples_implausibility.png"),
+        (
+            "Multi-head RAHF on test images (image | ground truth | prediction), implausibility",
+            "eval/rahf_multi_head/examples_implausibility.png",
+        ),
         ("Multi-head RAHF, misalignment", "eval/rahf_multi_head/examples_misalignment.png"),
         ("Multi-head RAHF, ground-truth vs predicted scores", "eval/rahf_multi_head/scores_scatter.png"),
         ("Augmented-prompt RAHF, implausibility", "eval/rahf_augmented_prompt/examples_implausibility.png"),
@@ -359,8 +379,10 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     ]
     report = out / "report.md"
     write_comparison_report(
-        {name: metrics[name] for name in ("rahf_multi_head", "rahf_augmented_prompt", "resnet50", "rahf_untrained",
-                                          "center_prior")},
+        {
+            name: metrics[name]
+            for name in ("rahf_multi_head", "rahf_augmented_prompt", "resnet50", "rahf_untrained", "center_prior")
+        },
         report,
         title="rahf demo",
         include_paper=True,
@@ -372,14 +394,24 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     timing += [f"| **total** | **{sum(timer.sections.values()):.1f}** |", ""]
     timing += [
         "Training runs, each in its own process, concurrently (wall-clock seconds of each): "
-        + ", ".join(f"{name} {sec:.1f}" for name, sec in train_seconds.items()) + ".",
+        + ", ".join(f"{name} {sec:.1f}" for name, sec in train_seconds.items())
+        + ".",
         "",
     ]
     with report.open("a", encoding="utf-8") as f:
         f.write("\n" + "\n\n".join(s for s in sections if s) + "\n\n" + "\n".join(timing))
     (out / "demo_summary.json").write_text(
-        json.dumps({"budget": asdict(budget), "seconds": timer.sections, "train_seconds": train_seconds,
-                    "keyword_decoding": keyword_decoding, "metrics": metrics}, indent=2, default=str)
+        json.dumps(
+            {
+                "budget": asdict(budget),
+                "seconds": timer.sections,
+                "train_seconds": train_seconds,
+                "keyword_decoding": keyword_decoding,
+                "metrics": metrics,
+            },
+            indent=2,
+            default=str,
+        )
     )
     logger.info("demo written to %s (%.0f s)", report, sum(timer.sections.values()))
     return report
@@ -394,33 +426,43 @@ def _repair_section(model_dir: Path, data_dir: Path, test, out: Path, budget: De
     if not images:
         return "## Repair\n\nNo test image with a planted artifact in this set.\n"
     report = repair_report(
-        str(model_dir), tiny_sd_inpaint_pipeline(seed=0), images, prompts, masks, out / "repair",
-        num_candidates=budget.repair_candidates, num_inference_steps=budget.inference_steps, dilation=0.05, seed=0,
+        str(model_dir),
+        tiny_sd_inpaint_pipeline(seed=0),
+        images,
+        prompts,
+        masks,
+        out / "repair",
+        num_candidates=budget.repair_candidates,
+        num_inference_steps=budget.inference_steps,
+        dilation=0.05,
+        seed=0,
     )
-    return "\n".join([
-        "## Repair: heatmap -> mask -> inpaint -> rescore",
-        "",
-        f"{len(images)} test images with planted artifacts; the trained multi-head RAHF predicts the implausibility "
-        f"heatmap, it is thresholded and dilated into a mask, a tiny (random) Stable Diffusion inpainting pipeline "
-        f"makes {budget.repair_candidates} candidates, RAHF rescores them and keeps the best if it beats the input.",
-        "",
-        "| | value |",
-        "|---|---|",
-        f"| images repaired (a candidate beat the input) | {_fmt(report.get('share_repaired'))} |",
-        f"| plausibility raised | {_fmt(report.get('share_plausibility_raised'))} |",
-        f"| mean plausibility before / after | {_fmt(report.get('mean_plausibility_before'))} / "
-        f"{_fmt(report.get('mean_plausibility_after'))} |",
-        f"| IoU of the thresholded heatmap with the planted artifacts | {_fmt(report.get('mean_iou_raw_threshold'))} |",
-        f"| IoU of the dilated mask with the planted artifacts | {_fmt(report.get('mean_iou_mask'))} |",
-        f"| mean mask area (share of the image) | {_fmt(report.get('mean_mask_area_fraction'))} |",
-        "",
-        "The generator is an untrained tiny pipeline, so its candidates are noise inside the mask: what this shows is "
-        "the chain (mask placement, one batched generation, pixels outside the mask unchanged, rescoring), not "
-        "repair quality.",
-        "",
-        "![repair](repair/repair_grid.png)",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## Repair: heatmap -> mask -> inpaint -> rescore",
+            "",
+            f"{len(images)} test images with planted artifacts; the trained multi-head RAHF predicts the implausibility "
+            f"heatmap, it is thresholded and dilated into a mask, a tiny (random) Stable Diffusion inpainting pipeline "
+            f"makes {budget.repair_candidates} candidates, RAHF rescores them and keeps the best if it beats the input.",
+            "",
+            "| | value |",
+            "|---|---|",
+            f"| images repaired (a candidate beat the input) | {_fmt(report.get('share_repaired'))} |",
+            f"| plausibility raised | {_fmt(report.get('share_plausibility_raised'))} |",
+            f"| mean plausibility before / after | {_fmt(report.get('mean_plausibility_before'))} / "
+            f"{_fmt(report.get('mean_plausibility_after'))} |",
+            f"| IoU of the thresholded heatmap with the planted artifacts | {_fmt(report.get('mean_iou_raw_threshold'))} |",
+            f"| IoU of the dilated mask with the planted artifacts | {_fmt(report.get('mean_iou_mask'))} |",
+            f"| mean mask area (share of the image) | {_fmt(report.get('mean_mask_area_fraction'))} |",
+            "",
+            "The generator is an untrained tiny pipeline, so its candidates are noise inside the mask: what this shows is "
+            "the chain (mask placement, one batched generation, pixels outside the mask unchanged, rescoring), not "
+            "repair quality.",
+            "",
+            "![repair](repair/repair_grid.png)",
+            "",
+        ]
+    )
 
 
 def _guidance_section(model_dir: Path, test, out: Path, budget: DemoBudget) -> str:
@@ -430,8 +472,13 @@ def _guidance_section(model_dir: Path, test, out: Path, budget: DemoBudget) -> s
 
     prompts = list(dict.fromkeys(test["prompt"]))[: budget.guidance_prompts]
     report = guidance_report(
-        str(model_dir), tiny_sd_pipeline(seed=0), prompts, list(range(budget.guidance_seeds)),
-        list(budget.guidance_scales), out / "guidance", reward="aesthetics",
+        str(model_dir),
+        tiny_sd_pipeline(seed=0),
+        prompts,
+        list(range(budget.guidance_seeds)),
+        list(budget.guidance_scales),
+        out / "guidance",
+        reward="aesthetics",
         num_inference_steps=budget.inference_steps,
     )
     lines = [
@@ -464,8 +511,16 @@ def _best_of_n_section(model_dir: Path, data, out: Path, budget: DemoBudget) -> 
     train_prompts = list(dict.fromkeys(data["train"]["prompt"]))[: budget.best_of_n_train_prompts]
     heldout = list(dict.fromkeys(data["test"]["prompt"]))[: budget.best_of_n_heldout_prompts]
     report = best_of_n_report(
-        sd_dir, model_dir, train_prompts, heldout, out / "best_of_n", n=4, threshold=None,
-        finetune_steps=budget.finetune_steps, reward="overall", num_inference_steps=budget.inference_steps,
+        sd_dir,
+        model_dir,
+        train_prompts,
+        heldout,
+        out / "best_of_n",
+        n=4,
+        threshold=None,
+        finetune_steps=budget.finetune_steps,
+        reward="overall",
+        num_inference_steps=budget.inference_steps,
     )
     held = report.get("heldout", {})
     before, after = held.get("before", {}), held.get("after", {})
@@ -567,9 +622,16 @@ def best_of_n_report(
 
     # 1. Best-of-N on the training prompts.
     bon_args = BestOfNArguments(
-        pretrained_model_name_or_path=str(sd_pipe_dir), reward_model=str(reward_model_dir),
-        prompts_file=str(prompts_file), output_dir=str(out_dir / "best_of_n"), num_images_per_prompt=n,
-        reward=reward, threshold=threshold, num_inference_steps=num_inference_steps, resolution=resolution, seed=seed,
+        pretrained_model_name_or_path=str(sd_pipe_dir),
+        reward_model=str(reward_model_dir),
+        prompts_file=str(prompts_file),
+        output_dir=str(out_dir / "best_of_n"),
+        num_images_per_prompt=n,
+        reward=reward,
+        threshold=threshold,
+        num_inference_steps=num_inference_steps,
+        resolution=resolution,
+        seed=seed,
         batch_size=n,
     )
     bon_summary = run_best_of_n(bon_args)
@@ -577,19 +639,32 @@ def best_of_n_report(
         raise ValueError(f"best-of-{n} kept no image (threshold {threshold}); lower `threshold` for the demo")
 
     # 2. A few LoRA steps on what was kept.
-    ft_summary = train_lora(LoRAFineTuneArguments(
-        pretrained_model_name_or_path=str(sd_pipe_dir), train_data_dir=str(out_dir / "best_of_n" / "kept"),
-        resolution=resolution, train_batch_size=train_batch_size, max_train_steps=finetune_steps,
-        learning_rate=learning_rate, rank=rank, output_dir=str(out_dir / "lora"), checkpointing_steps=0,
-        reward_weighted=reward_weighted, seed=seed, mixed_precision="no",
-    ))
+    ft_summary = train_lora(
+        LoRAFineTuneArguments(
+            pretrained_model_name_or_path=str(sd_pipe_dir),
+            train_data_dir=str(out_dir / "best_of_n" / "kept"),
+            resolution=resolution,
+            train_batch_size=train_batch_size,
+            max_train_steps=finetune_steps,
+            learning_rate=learning_rate,
+            rank=rank,
+            output_dir=str(out_dir / "lora"),
+            checkpointing_steps=0,
+            reward_weighted=reward_weighted,
+            seed=seed,
+            mixed_precision="no",
+        )
+    )
 
     # 3. Held-out prompts, the same seeds before and after.
     reward_fn = load_reward(reward, str(reward_model_dir))
-    seeds = [[derive_seed(seed + HELDOUT_SEED_OFFSET, p, i) for i in range(heldout_images_per_prompt)]
-             for p in range(len(heldout_prompts))]
-    gen_args = BestOfNArguments(num_inference_steps=num_inference_steps, resolution=resolution,
-                                batch_size=heldout_images_per_prompt)
+    seeds = [
+        [derive_seed(seed + HELDOUT_SEED_OFFSET, p, i) for i in range(heldout_images_per_prompt)]
+        for p in range(len(heldout_prompts))
+    ]
+    gen_args = BestOfNArguments(
+        num_inference_steps=num_inference_steps, resolution=resolution, batch_size=heldout_images_per_prompt
+    )
     pipe = load_text_to_image_pipeline(str(sd_pipe_dir))
     pipe.set_progress_bar_config(disable=True)
     before_images, before = _evaluate(pipe, reward_fn, heldout_prompts, seeds, gen_args)
@@ -612,7 +687,14 @@ def best_of_n_report(
         "grid": str(grid_path),
     }
     (out_dir / "best_of_n_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    logger.info("best-of-%d: kept %d of %d prompts; held-out mean %s %.4f -> %.4f after %d LoRA steps", n,
-                bon_summary["num_kept"], bon_summary["num_prompts"], reward, before["reward"], after["reward"],
-                ft_summary["global_step"])
+    logger.info(
+        "best-of-%d: kept %d of %d prompts; held-out mean %s %.4f -> %.4f after %d LoRA steps",
+        n,
+        bon_summary["num_kept"],
+        bon_summary["num_prompts"],
+        reward,
+        before["reward"],
+        after["reward"],
+        ft_summary["global_step"],
+    )
     return report

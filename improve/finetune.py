@@ -155,19 +155,24 @@ class LoRAFineTuneArguments:
     # ---- precision, reproducibility, outputs
     mixed_precision: str | None = field(
         default=None,
-        metadata={"help": "auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; default: what `accelerate "
-                          "launch` says, else no", "choices": list(MIXED_PRECISIONS)},
+        metadata={
+            "help": "auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16 or bf16; default: what `accelerate "
+            "launch` says, else no",
+            "choices": list(MIXED_PRECISIONS),
+        },
     )
     allow_tf32: bool = field(default=False, metadata={"help": "TF32 matmuls on Ampere+ GPUs"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA init, data order, noise and validation"})
     output_dir: str = field(default="lora-output", metadata={"help": "checkpoints, logs, validation, final LoRA"})
     logging_dir: str = field(default="logs", metadata={"help": "log folder, relative to output_dir"})
     report_to: str = field(
-        default="jsonl", metadata={"help": "jsonl, tensorboard (when installed) or all",
-                                   "choices": ["jsonl", "tensorboard", "all"]}
+        default="jsonl",
+        metadata={"help": "jsonl, tensorboard (when installed) or all", "choices": ["jsonl", "tensorboard", "all"]},
     )
     logging_steps: int = field(default=1, metadata={"help": "write a log line every N steps"})
-    checkpointing_steps: int = field(default=500, metadata={"help": "save checkpoint-{step}/ every N steps (0: never)"})
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "save checkpoint-{step}/ every N steps (0: never)"}
+    )
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints"})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (the newest checkpoint-* in output_dir, if any) or a path"}
@@ -188,13 +193,27 @@ class LoRAFineTuneArguments:
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
-        for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "logging_steps",
-                     "num_validation_images", "validation_num_inference_steps", "resolution"):
+        for name in (
+            "train_batch_size",
+            "num_train_epochs",
+            "gradient_accumulation_steps",
+            "rank",
+            "logging_steps",
+            "num_validation_images",
+            "validation_num_inference_steps",
+            "resolution",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "max_train_samples",
-                     "lora_alpha", "validation_resolution"):
+        for name in (
+            "max_train_steps",
+            "validation_steps",
+            "checkpoints_total_limit",
+            "max_train_samples",
+            "lora_alpha",
+            "validation_resolution",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive int or unset, got {value!r}")
@@ -207,7 +226,9 @@ class LoRAFineTuneArguments:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"`lr_scheduler` must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+            raise ValueError(
+                f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
+            )
         if self.max_grad_norm < 0:
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -228,8 +249,12 @@ def parse_finetune_args(argv: list[str] | None = None) -> LoRAFineTuneArguments:
     >>> args = parse_finetune_args(["--config", "configs/improve/finetune_lora.yaml", "--max_train_steps", "10"])
     ```
     """
-    return parse_job_args(LoRAFineTuneArguments, argv, prog="accelerate launch -m rahf.improve.finetune",
-                          description="LoRA fine-tuning of a text-to-image generator on an image folder.")
+    return parse_job_args(
+        LoRAFineTuneArguments,
+        argv,
+        prog="accelerate launch -m rahf.improve.finetune",
+        description="LoRA fine-tuning of a text-to-image generator on an image folder.",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,7 +262,7 @@ def parse_finetune_args(argv: list[str] | None = None) -> LoRAFineTuneArguments:
 
 
 def _generator_kind(pipe) -> str:
-    """"sd" (UNet2DConditionModel + one CLIP text encoder) or "amused" (UVit2DModel + VQ-VAE)."""
+    """ "sd" (UNet2DConditionModel + one CLIP text encoder) or "amused" (UVit2DModel + VQ-VAE)."""
     from diffusers import UNet2DConditionModel, UVit2DModel
 
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -308,8 +333,10 @@ def save_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path, is_ma
         if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
             kwargs["unet_lora_adapter_metadata"] = denoiser.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(scratch), unet_lora_layers=convert_state_dict_to_diffusers(layers),
-            safe_serialization=True, **kwargs,
+            save_directory=str(scratch),
+            unet_lora_layers=convert_state_dict_to_diffusers(layers),
+            safe_serialization=True,
+            **kwargs,
         )
     else:
         AmusedLoraLoaderMixin.save_lora_weights(str(scratch), transformer_lora_layers=layers, safe_serialization=True)
@@ -332,9 +359,11 @@ def restore_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path) ->
 
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
-        raise ValueError(f"{str(directory)!r} has no {LORA_WEIGHT_NAME}; pass a checkpoint written by rahf.improve.finetune")
+        raise ValueError(
+            f"{str(directory)!r} has no {LORA_WEIGHT_NAME}; pass a checkpoint written by rahf.improve.finetune"
+        )
     prefix = _prefix(kind) + "."
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{path} holds no `{prefix}*` LoRA tensors for this {kind} pipeline")
     state = convert_unet_state_dict_to_peft(state)
@@ -359,8 +388,9 @@ def load_lora_into_pipeline(pipe, lora_dir: str | Path, adapter_name: str | None
         return pipe
     kind = _generator_kind(pipe)
     denoiser = _denoiser(pipe, kind)
-    denoiser.load_lora_adapter(str(lora_dir), prefix=_prefix(kind), adapter_name=adapter_name,
-                               weight_name=LORA_WEIGHT_NAME)
+    denoiser.load_lora_adapter(
+        str(lora_dir), prefix=_prefix(kind), adapter_name=adapter_name, weight_name=LORA_WEIGHT_NAME
+    )
     return pipe
 
 
@@ -384,10 +414,26 @@ class ImageCaptionDataset(Dataset):
     ```
     """
 
-    def __init__(self, rows, tokenizer, resolution: int, center_crop: bool, random_flip: bool, normalize: bool,
-                 image_column: str, caption_column: str, weights: list[float] | None, seed: int):
+    def __init__(
+        self,
+        rows,
+        tokenizer,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        normalize: bool,
+        image_column: str,
+        caption_column: str,
+        weights: list[float] | None,
+        seed: int,
+    ):
         self.rows, self.tokenizer = rows, tokenizer
-        self.resolution, self.center_crop, self.random_flip, self.normalize = resolution, center_crop, random_flip, normalize
+        self.resolution, self.center_crop, self.random_flip, self.normalize = (
+            resolution,
+            center_crop,
+            random_flip,
+            normalize,
+        )
         self.image_column, self.caption_column = image_column, caption_column
         self.weights, self.seed, self.epoch = weights, seed, 0
 
@@ -401,8 +447,9 @@ class ImageCaptionDataset(Dataset):
         r = self.resolution
         image = image.convert("RGB")
         scale = r / min(image.size)
-        image = image.resize((max(r, round(image.width * scale)), max(r, round(image.height * scale))),
-                             Image.Resampling.BILINEAR)
+        image = image.resize(
+            (max(r, round(image.width * scale)), max(r, round(image.height * scale))), Image.Resampling.BILINEAR
+        )
         if self.center_crop:
             left, top = (image.width - r) // 2, (image.height - r) // 2
         else:
@@ -419,11 +466,20 @@ class ImageCaptionDataset(Dataset):
         caption = row[self.caption_column]
         if isinstance(caption, (list, tuple)):
             caption = caption[int(rng.integers(0, len(caption)))]
-        input_ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
-                                   truncation=True, return_tensors="pt").input_ids[0]
+        input_ids = self.tokenizer(
+            caption,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
         weight = 1.0 if self.weights is None else self.weights[index]
-        return {"pixel_values": self._pixels(row[self.image_column], rng), "input_ids": input_ids,
-                "weight": torch.tensor(weight, dtype=torch.float32), "index": torch.tensor(index)}
+        return {
+            "pixel_values": self._pixels(row[self.image_column], rng),
+            "input_ids": input_ids,
+            "weight": torch.tensor(weight, dtype=torch.float32),
+            "index": torch.tensor(index),
+        }
 
 
 def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -434,12 +490,16 @@ def _load_rows(args: LoRAFineTuneArguments):
     from datasets import load_dataset
 
     if not args.train_data_dir or not Path(args.train_data_dir).is_dir():
-        raise ValueError(f"`train_data_dir` {args.train_data_dir!r} is not a folder; pass an image folder with "
-                         "metadata.jsonl, e.g. the kept/ folder of `rahf best-of-n`")
+        raise ValueError(
+            f"`train_data_dir` {args.train_data_dir!r} is not a folder; pass an image folder with "
+            "metadata.jsonl, e.g. the kept/ folder of `rahf best-of-n`"
+        )
     image_suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
     if not any(p.suffix.lower() in image_suffixes for p in Path(args.train_data_dir).rglob("*")):
-        raise ValueError(f"`train_data_dir` {args.train_data_dir!r} holds no images (did best-of-N keep none? lower "
-                         "its --threshold)")
+        raise ValueError(
+            f"`train_data_dir` {args.train_data_dir!r} holds no images (did best-of-N keep none? lower "
+            "its --threshold)"
+        )
     rows = load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
     if len(rows) == 0:
         raise ValueError(f"`train_data_dir` {args.train_data_dir!r} holds no images")
@@ -450,20 +510,26 @@ def _load_rows(args: LoRAFineTuneArguments):
         if "text" in columns:
             args.caption_column = "text"
         else:
-            raise ValueError(f"`caption_column` {args.caption_column!r} is not a column of {args.train_data_dir!r} "
-                             f"({columns}); write a metadata.jsonl with it")
+            raise ValueError(
+                f"`caption_column` {args.caption_column!r} is not a column of {args.train_data_dir!r} "
+                f"({columns}); write a metadata.jsonl with it"
+            )
     if args.max_train_samples:
         rows = rows.select(range(min(args.max_train_samples, len(rows))))
     weights = None
     if args.reward_weighted:
         if args.reward_column not in columns:
-            raise ValueError(f"`reward_weighted` needs a `{args.reward_column}` column in {args.train_data_dir!r} "
-                             f"(columns: {columns}); set --reward_column or write it with `rahf best-of-n`")
+            raise ValueError(
+                f"`reward_weighted` needs a `{args.reward_column}` column in {args.train_data_dir!r} "
+                f"(columns: {columns}); set --reward_column or write it with `rahf best-of-n`"
+            )
         rewards = np.asarray(rows[args.reward_column], dtype=np.float64)
         if (rewards < 0).any() or rewards.mean() <= 0:
-            raise ValueError(f"`reward_weighted` needs non-negative rewards with a positive mean in column "
-                             f"{args.reward_column!r}, got min {rewards.min():.4g}; use a reward in [0, 1] "
-                             "(e.g. overall) for the best-of-N run")
+            raise ValueError(
+                f"`reward_weighted` needs non-negative rewards with a positive mean in column "
+                f"{args.reward_column!r}, got min {rewards.min():.4g}; use a reward in [0, 1] "
+                "(e.g. overall) for the best-of-N run"
+            )
         weights = (rewards / rewards.mean()).tolist()  # mean weight 1: the learning rate keeps its meaning
     return rows, weights
 
@@ -490,8 +556,9 @@ def _sd_loss(batch, pipe, denoiser, noise_scheduler, args, weight_dtype) -> torc
         encoder_hidden_states = pipe.text_encoder(batch["input_ids"], return_dict=False)[0]
     noise = torch.randn_like(latents)
     if args.noise_offset:
-        noise = noise + args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                        device=latents.device, dtype=latents.dtype)
+        noise = noise + args.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), device=latents.device, dtype=latents.dtype
+        )
     bsz = latents.shape[0]
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -524,13 +591,19 @@ def _amused_loss(batch, pipe, denoiser, args, weight_dtype) -> torch.Tensor:
     labels = torch.where(mask, image_tokens, -100)
     side = int(math.isqrt(seq_len))
     resolution = args.resolution
-    micro_conds = torch.tensor([resolution, resolution, 0, 0, 6], device=image_tokens.device,
-                               dtype=encoder_hidden_states.dtype).expand(bsz, -1)
-    logits = denoiser(input_ids.reshape(bsz, side, side), encoder_hidden_states=encoder_hidden_states,
-                      micro_conds=micro_conds, pooled_text_emb=cond_embeds)
+    micro_conds = torch.tensor(
+        [resolution, resolution, 0, 0, 6], device=image_tokens.device, dtype=encoder_hidden_states.dtype
+    ).expand(bsz, -1)
+    logits = denoiser(
+        input_ids.reshape(bsz, side, side),
+        encoder_hidden_states=encoder_hidden_states,
+        micro_conds=micro_conds,
+        pooled_text_emb=cond_embeds,
+    )
     logits = logits.reshape(bsz, config.codebook_size, -1).permute(0, 2, 1)  # (B, L, codebook)
-    ce = F.cross_entropy(logits.reshape(-1, config.codebook_size).float(), labels.reshape(-1), ignore_index=-100,
-                         reduction="none").reshape(bsz, seq_len)
+    ce = F.cross_entropy(
+        logits.reshape(-1, config.codebook_size).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(bsz, seq_len)
     return ce.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
 
 
@@ -546,8 +619,12 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
     folder = output_dir / "validation" / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     size = args.validation_resolution or args.resolution
-    kwargs: dict[str, Any] = {"num_inference_steps": args.validation_num_inference_steps, "height": size,
-                              "width": size, "output_type": "pil"}
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": args.validation_num_inference_steps,
+        "height": size,
+        "width": size,
+        "output_type": "pil",
+    }
     if args.validation_guidance_scale is not None:
         kwargs["guidance_scale"] = args.validation_guidance_scale
 
@@ -570,8 +647,14 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
         for j, (image, seed) in enumerate(zip(images, seeds)):
             name = f"{p:02d}-{j:02d}.png"
             image.save(folder / name)
-            row = {"step": step, "prompt_index": p, "prompt": prompt, "image_index": j, "seed": seed,
-                   "file_name": f"validation/{folder.name}/{name}"}
+            row = {
+                "step": step,
+                "prompt_index": p,
+                "prompt": prompt,
+                "image_index": j,
+                "seed": seed,
+                "file_name": f"validation/{folder.name}/{name}",
+            }
             if scores is not None:
                 row["reward"] = scores[j]
                 row.update({k: v[j] for k, v in table.items()})
@@ -618,8 +701,9 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir),
-                                            automatic_checkpoint_naming=False),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(logging_dir), automatic_checkpoint_naming=False
+        ),
         cpu=uses_cpu_processes(),
     )
     if not accelerator.is_local_main_process:
@@ -630,8 +714,9 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
 
     # 1. The pipeline, frozen; a LoRA adapter on its denoiser (the same initial LoRA on every process).
     if pipe is None:
-        pipe = load_text_to_image_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
-                                           variant=args.variant)
+        pipe = load_text_to_image_pipeline(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant
+        )
     kind = _generator_kind(pipe)
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
@@ -639,18 +724,25 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
             component.requires_grad_(False)
             # (a dtype argument, even float32, makes diffusers warn about modules it would keep in float32)
             component.to(accelerator.device) if weight_dtype == torch.float32 else component.to(
-                accelerator.device, dtype=weight_dtype)
+                accelerator.device, dtype=weight_dtype
+            )
     denoiser = _denoiser(pipe, kind)
     set_seed(args.seed)
-    denoiser.add_adapter(LoraConfig(
-        r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
-        target_modules=list(args.lora_target_modules or DEFAULT_TARGET_MODULES),
-    ))
+    denoiser.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha or args.rank,
+            init_lora_weights="gaussian",
+            target_modules=list(args.lora_target_modules or DEFAULT_TARGET_MODULES),
+        )
+    )
     if accelerator.mixed_precision == "fp16":
         cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA in fp32, the frozen rest in fp16
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
     if not lora_params:
-        raise ValueError(f"`lora_target_modules` {args.lora_target_modules!r} matched no module of the {kind} denoiser")
+        raise ValueError(
+            f"`lora_target_modules` {args.lora_target_modules!r} matched no module of the {kind} denoiser"
+        )
     noise_scheduler = None
     if kind == "sd":
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -674,41 +766,77 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     # 3. Data: same order on every process and after a resume.
     with accelerator.main_process_first():
         rows, weights = _load_rows(args)
-    dataset = ImageCaptionDataset(rows, pipe.tokenizer, args.resolution, args.center_crop, args.random_flip,
-                                  normalize=kind == "sd", image_column=args.image_column,
-                                  caption_column=args.caption_column, weights=weights, seed=args.seed)
+    dataset = ImageCaptionDataset(
+        rows,
+        pipe.tokenizer,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        normalize=kind == "sd",
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        weights=weights,
+        seed=args.seed,
+    )
     sampler = EpochShuffleSampler(len(dataset), seed=args.seed)
-    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=_collate,
-                            num_workers=args.dataloader_num_workers,
-                            generator=torch.Generator().manual_seed(args.seed))
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=_collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(lora_params, learning_rate=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                use_8bit_adam=args.use_8bit_adam)
+    optimizer = build_optimizer(
+        lora_params,
+        learning_rate=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        use_8bit_adam=args.use_8bit_adam,
+    )
     denoiser_ddp, optimizer, dataloader = accelerator.prepare(denoiser, optimizer, dataloader)
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     # accelerate steps a prepared scheduler once per process per optimizer step: count in those units.
-    lr_scheduler = accelerator.prepare(build_lr_scheduler(
-        optimizer, args.lr_scheduler, args.lr_warmup_steps, max_train_steps, num_processes=accelerator.num_processes,
-        schedule_names=DIFFUSERS_LR_SCHEDULES,
-    ))
+    lr_scheduler = accelerator.prepare(
+        build_lr_scheduler(
+            optimizer,
+            args.lr_scheduler,
+            args.lr_warmup_steps,
+            max_train_steps,
+            num_processes=accelerator.num_processes,
+            schedule_names=DIFFUSERS_LR_SCHEDULES,
+        )
+    )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
-        accelerator.init_trackers("rahf-lora", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                       for k, v in args.to_dict().items()})
+        accelerator.init_trackers(
+            "rahf-lora",
+            config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()},
+        )
     reward_fn = None
     if args.reward_model and args.validation_prompts and accelerator.is_main_process:
         reward_fn = load_reward(args.reward, args.reward_model, device=accelerator.device)
-    logger.info("LoRA rank %d on the %s %s (%.3fM trainable parameters); %d images, %d steps of %d x %d process(es) "
-                "x %d accumulation", args.rank, kind, type(denoiser).__name__,
-                sum(p.numel() for p in lora_params) / 1e6, len(dataset), max_train_steps, args.train_batch_size,
-                accelerator.num_processes, args.gradient_accumulation_steps)
+    logger.info(
+        "LoRA rank %d on the %s %s (%.3fM trainable parameters); %d images, %d steps of %d x %d process(es) "
+        "x %d accumulation",
+        args.rank,
+        kind,
+        type(denoiser).__name__,
+        sum(p.numel() for p in lora_params) / 1e6,
+        len(dataset),
+        max_train_steps,
+        args.train_batch_size,
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+    )
 
     # 4. Resume: LoRA (through the hook), optimizer, scheduler, RNG states; the data position from the step.
     global_step = 0
@@ -727,11 +855,20 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         if resume_from is None and sync_file.exists():
             sync_file.unlink()
         if resume_from is not None:
-            _append_jsonl(sync_file, {"step": global_step, "event": "resumed",
-                                      "sha256": lora_checksum(accelerator.unwrap_model(denoiser_ddp))})
+            _append_jsonl(
+                sync_file,
+                {
+                    "step": global_step,
+                    "event": "resumed",
+                    "sha256": lora_checksum(accelerator.unwrap_model(denoiser_ddp)),
+                },
+            )
             if accelerator.is_main_process:  # the LoRA as restored, in the checkpoint's own format, for comparison
-                save_lora(accelerator.unwrap_model(denoiser_ddp), kind,
-                          output_dir / "debug_sync" / f"resumed-step-{global_step}")
+                save_lora(
+                    accelerator.unwrap_model(denoiser_ddp),
+                    kind,
+                    output_dir / "debug_sync" / f"resumed-step-{global_step}",
+                )
 
     guard = NonFiniteGuard(accelerator.device, start_step=global_step)
 
@@ -743,8 +880,9 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         if args.validation_prompts and accelerator.is_main_process:
             start = time.perf_counter()
-            metrics = _validate(pipe, kind, accelerator.unwrap_model(denoiser_ddp), args, reward_fn, step,
-                                output_dir, accelerator)
+            metrics = _validate(
+                pipe, kind, accelerator.unwrap_model(denoiser_ddp), args, reward_fn, step, output_dir, accelerator
+            )
             if metrics:
                 accelerator.log(metrics, step=step)
             logger.info("step %d validation (%.1fs): %s", step, time.perf_counter() - start, metrics or "images only")
@@ -755,8 +893,13 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     if resume_from is None:
         last_validation = validate(0)  # the starting point, for comparison
 
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="LoRA", unit="step",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(max_train_steps),
+        initial=global_step,
+        desc="LoRA",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
     denoiser_ddp.train()
     # Summed on the device: a .item() per micro-batch would make the CPU wait for the GPU each time.
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -797,16 +940,26 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
             guard.check_learning_rate(lr_scheduler.get_last_lr()[0], global_step)
             progress.update(1)
             if args.debug_check_sync:
-                _append_jsonl(sync_file, {"step": global_step, "num_processes": accelerator.num_processes,
-                                          "sha256": lora_checksum(accelerator.unwrap_model(denoiser_ddp)),
-                                          "indices": step_indices})
+                _append_jsonl(
+                    sync_file,
+                    {
+                        "step": global_step,
+                        "num_processes": accelerator.num_processes,
+                        "sha256": lora_checksum(accelerator.unwrap_model(denoiser_ddp)),
+                        "indices": step_indices,
+                    },
+                )
             step_indices = []
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 guard.check(accelerator, f"at the log of step {global_step}")
-                mean_loss = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(loss_count))]),
-                                               reduction="sum").cpu()
-                record = {"loss": float(mean_loss[0] / max(mean_loss[1], 1.0)), "lr": lr_scheduler.get_last_lr()[0],
-                          "epoch": epoch}
+                mean_loss = accelerator.reduce(
+                    torch.stack([loss_sum, loss_sum.new_tensor(float(loss_count))]), reduction="sum"
+                ).cpu()
+                record = {
+                    "loss": float(mean_loss[0] / max(mean_loss[1], 1.0)),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 accelerator.log(record, step=global_step)
@@ -830,10 +983,16 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_lora(accelerator.unwrap_model(denoiser_ddp), kind, output_dir)
     last_validation = validate(global_step) or last_validation
-    summary = {"global_step": global_step, "lora_path": str(lora_path), "kind": kind,
-               "resumed_from": str(resume_from) if resume_from else None, "validation": last_validation,
-               "train_seconds": time.perf_counter() - start_time, "num_train_images": len(dataset),
-               "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__}
+    summary = {
+        "global_step": global_step,
+        "lora_path": str(lora_path),
+        "kind": kind,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "validation": last_validation,
+        "train_seconds": time.perf_counter() - start_time,
+        "num_train_images": len(dataset),
+        "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+    }
     if accelerator.is_main_process:
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("saved the LoRA to %s (%d steps)", lora_path, global_step)

@@ -337,7 +337,9 @@ def _load_sd_pipeline(args: GuidedSampleArguments, device: str):
 
     dtype = torch_dtype(resolve_mixed_precision(args.mixed_precision, device=device))
     path = resolve_pretrained_path(
-        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", what="a Stable Diffusion pipeline folder"
+        args.pretrained_model_name_or_path,
+        "--pretrained_model_name_or_path",
+        what="a Stable Diffusion pipeline folder",
     )
     try:
         pipe = DiffusionPipeline.from_pretrained(path, revision=args.revision, **dtype_kwarg(dtype))

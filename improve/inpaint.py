@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("threshold_quantile", "min_area") if getattr(args, k) is not None}
     mask_config = override_mask_config(DEFAULT_MASK_CONFIG, **overrides)
 
-    pipe = load_rahf_inpaint_pipeline(args.model, args.inpainter, device=device, dtype=torch_dtype(args.dtype) if args.dtype else None)
+    pipe = load_rahf_inpaint_pipeline(
+        args.model, args.inpainter, device=device, dtype=torch_dtype(args.dtype) if args.dtype else None
+    )
     call: dict[str, Any] = {
         "heatmap": heatmap,
         "threshold": args.threshold,

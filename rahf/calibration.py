@@ -117,7 +117,10 @@ def calibrate_keyword_threshold(
     config.keyword_threshold = best["threshold"]
     logger.info(
         "keyword decoding on %d validation records: greedy F1 %.3f; %s F1 %.3f -> config.keyword_threshold = %s",
-        len(gt), table[0]["f1"], "best threshold" if best["threshold"] else "greedy is best,", best["f1"],
+        len(gt),
+        table[0]["f1"],
+        "best threshold" if best["threshold"] else "greedy is best,",
+        best["f1"],
         best["threshold"],
     )
     return {

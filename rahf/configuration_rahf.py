@@ -84,8 +84,10 @@ def check_real(
     if none_means:
         what = f"None ({none_means}) or {what}"
     spelled = _written_as_number(value, float)
-    fix = f"write {spelled:g} in config.json" if spelled is not None and (minimum is None or spelled >= minimum) else (
-        f"write a number such as {example:g} in config.json"
+    fix = (
+        f"write {spelled:g} in config.json"
+        if spelled is not None and (minimum is None or spelled >= minimum)
+        else (f"write a number such as {example:g} in config.json")
     )
     raise ValueError(f"`{field}` must be {what}, got {_got(value)}; {fix}")
 
@@ -156,7 +158,7 @@ def _check_task_strings(value: Any, task_names: Sequence[str]) -> dict[str, str]
     if value is not None and not isinstance(value, dict):
         raise ValueError(
             f"`task_strings` must be None or a mapping task -> text, got {_got(value)}; write e.g. "
-            f"{{\"{task_names[0]}\": \"{DEFAULT_TASK_STRINGS.get(task_names[0], task_names[0])}\"}}"
+            f'{{"{task_names[0]}": "{DEFAULT_TASK_STRINGS.get(task_names[0], task_names[0])}"}}'
         )
     value = dict(value or {})
     # Names of default tasks this config does not have are dropped silently (a config re-built with fewer scores
@@ -169,7 +171,7 @@ def _check_task_strings(value: Any, task_names: Sequence[str]) -> dict[str, str]
         )
     bad = {k: v for k, v in value.items() if not isinstance(v, str) or not v.strip()}
     if bad:
-        raise ValueError(f"`task_strings` values must be non-empty texts, got {bad!r}; write e.g. \"overall score\"")
+        raise ValueError(f'`task_strings` values must be non-empty texts, got {bad!r}; write e.g. "overall score"')
     task_strings = {**DEFAULT_TASK_STRINGS, **value}
     missing = [t for t in task_names if t not in task_strings]
     if missing:
@@ -183,7 +185,7 @@ def _build_sub_config(key: str, value: Any, spec: SubConfigSpec) -> PreTrainedCo
     if value is not None and not isinstance(value, dict):
         raise ValueError(
             f"`{key}` must be a mapping of {key.split('_')[0]}-tower settings (or a config object), got "
-            f"{_got(value)}; write e.g. {{\"model_type\": \"{spec.model_type}\", ...}} or leave it out for the default"
+            f'{_got(value)}; write e.g. {{"model_type": "{spec.model_type}", ...}} or leave it out for the default'
         )
     model_types = VISION_MODEL_TYPES if key == "vision_config" else (T5Config.model_type,)
     model_type = (value or {}).get("model_type", spec.model_type)
@@ -229,7 +231,7 @@ def _check_vision_config(config: PreTrainedConfig) -> None:
 
 def _check_text_config(config: PreTrainedConfig) -> None:
     if not isinstance(config, T5Config):
-        raise ValueError(f"`text_config` must be a T5 config (model_type \"t5\"), got a {type(config).__name__}")
+        raise ValueError(f'`text_config` must be a T5 config (model_type "t5"), got a {type(config).__name__}')
     for name, example in (("vocab_size", 32128), ("d_model", 768), ("num_layers", 12), ("num_heads", 12)):
         check_int(f"text_config.{name}", getattr(config, name, None), example=example)
     if config.num_decoder_layers is not None:
@@ -392,7 +394,7 @@ class RAHFConfig(PreTrainedConfig):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(
                     f"`{name}` must be None or a hub id / folder (a non-empty str), got {_got(value)}; write a path "
-                    "such as \"google/vit-base-patch16-384\", or null for a randomly initialised tower"
+                    'such as "google/vit-base-patch16-384", or null for a randomly initialised tower'
                 )
         if not isinstance(self.is_encoder_decoder, bool):
             raise ValueError(f"`is_encoder_decoder` must be true or false, got {_got(self.is_encoder_decoder)}")

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_rahf_model", "init_model", "read_model_preset"]
 
 
-
 def init_model(config_path: str, out: str, seed: int = 0) -> Path:
     """Writes an untrained model + processor from a `configs/model/*.json` preset (pretrained towers if it names
     them)."""

@@ -167,7 +167,7 @@ def check_safetensors_folder(folder: str | os.PathLike, shown: str | None = None
     pickled = (folder / name).as_posix()
     target = (folder / "model.safetensors").as_posix()
     convert = (
-        f"python -c \"import torch; from safetensors.torch import save_file; save_file({{k: v.clone().contiguous() "
+        f'python -c "import torch; from safetensors.torch import save_file; save_file({{k: v.clone().contiguous() '
         f"for k, v in torch.load('{pickled}', weights_only=True).items()}}, '{target}', metadata={{'format': 'pt'}})\""
     )
     raise ValueError(
@@ -288,9 +288,7 @@ class RAHFModel(RAHFPreTrainedModel):
     def __init__(self, config: RAHFConfig, vision_model: nn.Module | None = None, text_model: nn.Module | None = None):
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else _build_vision_tower(config.vision_config)
-        self.text_model = (
-            text_model if text_model is not None else T5ForConditionalGeneration(config.text_config)
-        )
+        self.text_model = text_model if text_model is not None else T5ForConditionalGeneration(config.text_config)
         d_model = config.text_config.d_model
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, d_model)
         multi = config.variant == "multi_head"
@@ -540,7 +538,8 @@ class RAHFModel(RAHFPreTrainedModel):
                 terms.append(cfg.score_loss_weight * score_loss)
         if keyword_labels is not None and sequence_logits is not None:
             sequence_loss = F.cross_entropy(
-                sequence_logits.flatten(0, 1).float(), keyword_labels.flatten().to(sequence_logits.device),
+                sequence_logits.flatten(0, 1).float(),
+                keyword_labels.flatten().to(sequence_logits.device),
                 ignore_index=-100,
             )
             terms.append(cfg.sequence_loss_weight * sequence_loss)

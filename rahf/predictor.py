@@ -56,7 +56,6 @@ class RichFeedback:
         }
 
 
-
 def as_image_prompt_lists(
     images: Sequence[ImageInput] | ImageInput, prompts: Sequence[str] | str
 ) -> tuple[list, list[str]]:
@@ -261,7 +260,9 @@ class RichFeedbackPredictor:
         return results
 
     def _keyword_decoding(self) -> dict[str, Any]:
-        threshold = self.keyword_threshold if self.keyword_threshold is not None else self.model.config.keyword_threshold
+        threshold = (
+            self.keyword_threshold if self.keyword_threshold is not None else self.model.config.keyword_threshold
+        )
         if threshold is None:
             return {}
         return {"keyword_threshold": threshold, "marker_token_id": self.processor.marker_token_id}
@@ -318,7 +319,6 @@ __all__ = [
 # An example input that ships with rahf (the demo rates it).
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
 EXAMPLE_PROMPT = "a red circle above a blue square on a wooden table"
-
 
 
 def predict_to_folder(

@@ -29,8 +29,10 @@ __all__ = ["hub_is_offline", "looks_local", "resolve_pretrained_path"]
 
 def hub_is_offline() -> bool:
     """True when the environment switches the model hub off (`HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE`)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def looks_local(name_or_path: str) -> bool:
@@ -46,8 +48,9 @@ def looks_local(name_or_path: str) -> bool:
     return Path(parts[0]).is_dir()
 
 
-def resolve_pretrained_path(name_or_path: str | os.PathLike | None, flag: str, *, what: str = "a saved model folder",
-                            allow_hub: bool = True) -> str:
+def resolve_pretrained_path(
+    name_or_path: str | os.PathLike | None, flag: str, *, what: str = "a saved model folder", allow_hub: bool = True
+) -> str:
     """Returns `name_or_path` when it is an existing folder or a plausible hub id; raises `ValueError` naming `flag`.
 
     Args:

@@ -75,7 +75,6 @@ HEATMAP_REWARDS = tuple(f"-{name}" for name in HEATMAP_NAMES)
 # RAHF as a differentiable reward
 
 
-
 def rahf_pixel_values(images: torch.Tensor, processor: RAHFProcessor) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> RAHF `pixel_values`, with torch ops only so that gradients flow.
 
@@ -379,8 +378,10 @@ def parse_reward(spec: str | dict[str, float]) -> str | dict[str, float]:
         try:
             value = float(weight)
         except (TypeError, ValueError):
-            raise ValueError(f"reward {spec!r}: {name}={weight} is not NAME=WEIGHT with a number as the weight; "
-                             f"write e.g. {example!r}") from None
+            raise ValueError(
+                f"reward {spec!r}: {name}={weight} is not NAME=WEIGHT with a number as the weight; "
+                f"write e.g. {example!r}"
+            ) from None
         if not math.isfinite(value):
             raise ValueError(f"reward {spec!r}: the weight of {name!r} must be a finite number, got {weight!r}")
         sign, output = (-1.0, name[1:]) if name.startswith("-") else (1.0, name)

@@ -30,17 +30,44 @@ TINY_VOCAB_SIZE = 512
 
 def tiny_rahf_config(variant: str = "multi_head", vision_model_type: str = "vit", **overrides) -> RAHFConfig:
     """A RAHF config small enough for unit tests (hidden size 32, 2 layers, 4 heads, 32 px images)."""
-    vision = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "intermediate_size": 64}
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    }
     if vision_model_type not in ("vit", "siglip_vision_model", "clip_vision_model"):
-        raise ValueError(f"`vision_model_type` must be vit, siglip_vision_model or clip_vision_model, got {vision_model_type!r}")
+        raise ValueError(
+            f"`vision_model_type` must be vit, siglip_vision_model or clip_vision_model, got {vision_model_type!r}"
+        )
     vision["model_type"] = vision_model_type
-    text = {"model_type": "t5", "vocab_size": TINY_VOCAB_SIZE, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
-            "num_decoder_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,
-            "relative_attention_max_distance": 32, "dropout_rate": 0.0, "tie_word_embeddings": False}
+    text = {
+        "model_type": "t5",
+        "vocab_size": TINY_VOCAB_SIZE,
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "dropout_rate": 0.0,
+        "tie_word_embeddings": False,
+    }
     kwargs = dict(
-        variant=variant, heatmap_size=16, vision_config=vision, text_config=text, heatmap_head_channels=16,
-        score_head_channels=16, score_head_num_convs=1, score_head_hidden_size=16, max_text_length=32,
+        variant=variant,
+        heatmap_size=16,
+        vision_config=vision,
+        text_config=text,
+        heatmap_head_channels=16,
+        score_head_channels=16,
+        score_head_num_convs=1,
+        score_head_hidden_size=16,
+        max_text_length=32,
         max_target_length=48,
     )
     kwargs.update(overrides)
@@ -72,7 +99,12 @@ def tiny_rahf_processor(variant: str = "multi_head", **config_overrides) -> RAHF
 
 def __getattr__(name: str):
     # The diffusers builders live apart so that importing rahf.testing for RAHF alone stays light.
-    if name in ("tiny_sd_pipeline", "tiny_sd_inpaint_pipeline", "tiny_amused_pipeline", "tiny_amused_inpaint_pipeline"):
+    if name in (
+        "tiny_sd_pipeline",
+        "tiny_sd_inpaint_pipeline",
+        "tiny_amused_pipeline",
+        "tiny_amused_inpaint_pipeline",
+    ):
         from . import _testing_diffusers
 
         return getattr(_testing_diffusers, name)

@@ -47,7 +47,9 @@ def build_offline_tokenizer(vocab_size: int = 1024, model_max_length: int = 512)
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
+    )
     assert (tok.token_to_id(PAD), tok.token_to_id(EOS), tok.token_to_id(UNK)) == (0, 1, 2)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -479,7 +479,11 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
             accelerator,
             output_dir,
             step,
-            {"epoch": epoch, "num_update_steps_per_epoch": num_update_steps_per_epoch, "max_train_steps": max_train_steps},
+            {
+                "epoch": epoch,
+                "num_update_steps_per_epoch": num_update_steps_per_epoch,
+                "max_train_steps": max_train_steps,
+            },
             total_limit=args.checkpoints_total_limit,
         )
 
@@ -597,7 +601,10 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     calibration = None
     if args.calibrate_keyword_threshold and eval_dataset is not None:  # every process decodes its shard
         calibration = calibrate_keyword_threshold(
-            accelerator.unwrap_model(model), processor, eval_dataset.split, batch_size=args.eval_batch_size,
+            accelerator.unwrap_model(model),
+            processor,
+            eval_dataset.split,
+            batch_size=args.eval_batch_size,
             state=state,
         )
     if accelerator.is_main_process:

@@ -67,7 +67,8 @@ class RAHFTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation records"})
     augment: bool = field(
-        default=False, metadata={"help": "random crop, colour jitter, JPEG and greyscale (docs/reference.md, section 6)"}
+        default=False,
+        metadata={"help": "random crop, colour jitter, JPEG and greyscale (docs/reference.md, section 6)"},
     )
     tasks_per_image: int | None = field(
         default=None,

@@ -579,8 +579,9 @@ def build_trackers(report_to: str, logging_dir: Path, log_name: str = "train_log
         if is_tensorboard_available():
             trackers.append("tensorboard")
         else:
-            logger.warning("report_to=%s: tensorboard is not installed, skipping it (pip install tensorboard)",
-                           report_to)
+            logger.warning(
+                "report_to=%s: tensorboard is not installed, skipping it (pip install tensorboard)", report_to
+            )
     return trackers
 
 

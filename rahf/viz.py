@@ -34,7 +34,10 @@ def overlay_heatmaps(
         colours[name] = colour
         h = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
         if h.shape != base.shape[:2]:
-            h = np.asarray(heatmap_to_image(h).resize((base.shape[1], base.shape[0]), Image.Resampling.BILINEAR)) / 255.0
+            h = (
+                np.asarray(heatmap_to_image(h).resize((base.shape[1], base.shape[0]), Image.Resampling.BILINEAR))
+                / 255.0
+            )
         a = (alpha * h)[..., None]
         out = out * (1 - a) + np.asarray(colour, dtype=np.float32) * a
     result = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
@@ -54,8 +57,9 @@ def overlay_heatmaps(
     return canvas
 
 
-def image_grid(images: Sequence[Image.Image], cols: int | None = None, captions: Sequence[str] | None = None,
-               pad: int = 2) -> Image.Image:
+def image_grid(
+    images: Sequence[Image.Image], cols: int | None = None, captions: Sequence[str] | None = None, pad: int = 2
+) -> Image.Image:
     """Images in a grid (each cell the size of the largest), with optional captions under them."""
     if not images:
         raise ValueError("`images` is empty: nothing to put in a grid")

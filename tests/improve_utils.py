@@ -17,8 +17,13 @@ from rahf.testing import tiny_amused_pipeline, tiny_rahf_model, tiny_rahf_proces
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-PROMPTS = ["a red cat on a table", "a blue square above a star", "two green circles", "a wooden chair",
-           "a yellow star below a red square"]  # an odd count: 2 processes get 3 and 2
+PROMPTS = [
+    "a red cat on a table",
+    "a blue square above a star",
+    "two green circles",
+    "a wooden chair",
+    "a yellow star below a red square",
+]  # an odd count: 2 processes get 3 and 2
 
 
 def save_tiny_sd(path: Path) -> Path:
@@ -50,8 +55,16 @@ def make_image_folder(path: Path, count: int = 6, size: int = 40, seed: int = 0)
     for i in range(count):
         name = f"{i:06d}-00.png"
         Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(path / name)
-        rows.append({"file_name": name, "prompt": PROMPTS[i % len(PROMPTS)], "reward": float(rng.uniform(0.2, 0.9)),
-                     "overall": float(rng.uniform(0, 1)), "seed": i, "rank": 1})
+        rows.append(
+            {
+                "file_name": name,
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "reward": float(rng.uniform(0.2, 0.9)),
+                "overall": float(rng.uniform(0, 1)),
+                "seed": i,
+                "rank": 1,
+            }
+        )
     (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -64,13 +77,36 @@ def free_port() -> int:
 
 def launch_two_processes(module: str, argv: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     # `--cpu --num_processes 2` starts a single process: two CPU processes need --multi_gpu (gloo).
-    cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", module, *map(str, argv)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        *ACCELERATE,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        module,
+        *map(str, argv),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 

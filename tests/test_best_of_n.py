@@ -35,15 +35,38 @@ N = 4
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("bon_assets")
-    return {"sd": save_tiny_sd(root / "sd"), "rahf": save_tiny_rahf(root / "rahf"),
-            "prompts": write_prompts(root / "prompts.txt"), "root": root}
+    return {
+        "sd": save_tiny_sd(root / "sd"),
+        "rahf": save_tiny_rahf(root / "rahf"),
+        "prompts": write_prompts(root / "prompts.txt"),
+        "root": root,
+    }
 
 
 def _argv(assets, out, *extra) -> list[str]:
-    return ["--pretrained_model_name_or_path", assets["sd"], "--reward_model", assets["rahf"], "--prompts_file",
-            assets["prompts"], "--num_images_per_prompt", N, "--num_inference_steps", 2, "--resolution", 32,
-            "--reward", "plausibility=0.5,aesthetics=0.5", "--seed", 3, "--batch_size", 3, "--output_dir", out,
-            *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        assets["sd"],
+        "--reward_model",
+        assets["rahf"],
+        "--prompts_file",
+        assets["prompts"],
+        "--num_images_per_prompt",
+        N,
+        "--num_inference_steps",
+        2,
+        "--resolution",
+        32,
+        "--reward",
+        "plausibility=0.5,aesthetics=0.5",
+        "--seed",
+        3,
+        "--batch_size",
+        3,
+        "--output_dir",
+        out,
+        *extra,
+    ]
 
 
 def _run(*argv):
@@ -55,8 +78,10 @@ def reference(assets):
     """An uninterrupted run, with a threshold between the prompts' best rewards so that some prompts are dropped."""
     probe = assets["root"] / "probe"
     _run(*_argv(assets, probe))
-    best = sorted(max(r["reward"] for r in read_jsonl(probe / "all_scores.jsonl") if r["prompt_index"] == p)
-                  for p in range(len(PROMPTS)))
+    best = sorted(
+        max(r["reward"] for r in read_jsonl(probe / "all_scores.jsonl") if r["prompt_index"] == p)
+        for p in range(len(PROMPTS))
+    )
     threshold = (best[1] + best[2]) / 2  # two prompts below, three above
     out = assets["root"] / "reference"
     summary = _run(*_argv(assets, out, "--threshold", threshold))
@@ -94,8 +119,9 @@ def test_prompts_files_and_reward_specs(tmp_path):
 
 
 def test_yaml_config_and_flags(tmp_path):
-    args = parse_best_of_n_args(["--config", "configs/improve/best_of_n.yaml", "--threshold", "0.5", "--reward",
-                                 "overall"])
+    args = parse_best_of_n_args(
+        ["--config", "configs/improve/best_of_n.yaml", "--threshold", "0.5", "--reward", "overall"]
+    )
     assert (args.num_images_per_prompt, args.threshold, args.reward) == (8, 0.5, "overall")
     assert args.pretrained_model_name_or_path and Path(args.prompts_file).is_file()
     bad = tmp_path / "bad.yaml"
@@ -149,8 +175,9 @@ def test_kept_set_is_the_best_above_threshold_and_loads_as_imagefolder(assets, r
     pipe = DiffusionPipeline.from_pretrained(str(assets["sd"]))
     pipe.set_progress_bar_config(disable=True)
     k = kept[0]
-    regenerated = pipe(k["prompt"], num_inference_steps=2, height=32, width=32,
-                       generator=torch.Generator().manual_seed(k["seed"])).images[0]
+    regenerated = pipe(
+        k["prompt"], num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(k["seed"])
+    ).images[0]
     saved = Image.open(out / "kept" / k["file_name"])
     assert np.array_equal(np.asarray(regenerated), np.asarray(saved))
 
@@ -203,9 +230,21 @@ def test_amused_best_of_n(assets, tmp_path):
     amused = save_tiny_amused(tmp_path / "amused")
     prompts = write_prompts(tmp_path / "p.txt", PROMPTS[:2])
     out = tmp_path / "out"
-    summary = _run("--pretrained_model_name_or_path", amused, "--reward_model", assets["rahf"], "--prompts_file",
-                   prompts, "--num_images_per_prompt", 2, "--num_inference_steps", 2, "--output_dir", out,
-                   "--reward=-implausibility")  # `=`: argparse would read a separate "-implausibility" as a flag
+    summary = _run(
+        "--pretrained_model_name_or_path",
+        amused,
+        "--reward_model",
+        assets["rahf"],
+        "--prompts_file",
+        prompts,
+        "--num_images_per_prompt",
+        2,
+        "--num_inference_steps",
+        2,
+        "--output_dir",
+        out,
+        "--reward=-implausibility",
+    )  # `=`: argparse would read a separate "-implausibility" as a flag
     assert summary["num_kept"] == 2
     rows = read_jsonl(out / "all_scores.jsonl")
     assert len(rows) == 4 and all(r["reward"] == pytest.approx(-r["implausibility_mean"]) for r in rows)
@@ -220,8 +259,9 @@ def test_amused_best_of_n(assets, tmp_path):
 @pytest.mark.distributed
 def test_two_processes_split_prompts_and_match_one_process(assets, reference, tmp_path):
     out = tmp_path / "ddp"
-    launch_two_processes("rahf.improve.best_of_n",
-                         _argv(assets, out, "--threshold", reference["threshold"]), cwd=tmp_path)
+    launch_two_processes(
+        "rahf.improve.best_of_n", _argv(assets, out, "--threshold", reference["threshold"]), cwd=tmp_path
+    )
     done = {rank: [r["prompt_index"] for r in read_jsonl(out / "work_log" / f"rank{rank}.jsonl")] for rank in (0, 1)}
     assert all(r["num_processes"] == 2 for rank in (0, 1) for r in read_jsonl(out / "work_log" / f"rank{rank}.jsonl"))
     assert sorted(len(v) for v in done.values()) == [2, 3]  # 5 prompts: no duplicate, no loss
@@ -249,8 +289,18 @@ def test_best_of_n_report_for_the_demo(assets, tmp_path):
     from rahf.improve.demo import best_of_n_report
 
     out = tmp_path / "report"
-    report = best_of_n_report(assets["sd"], assets["rahf"], PROMPTS[:3], ["a purple bird", "an orange box"], out, n=2,
-                              threshold=None, finetune_steps=2, learning_rate=5e-2, heldout_images_per_prompt=2)
+    report = best_of_n_report(
+        assets["sd"],
+        assets["rahf"],
+        PROMPTS[:3],
+        ["a purple bird", "an orange box"],
+        out,
+        n=2,
+        threshold=None,
+        finetune_steps=2,
+        learning_rate=5e-2,
+        heldout_images_per_prompt=2,
+    )
     assert report["best_of_n"]["num_kept"] == 3 and report["finetune"]["global_step"] == 2
     before, after = report["heldout"]["before"], report["heldout"]["after"]
     assert len(before["rewards"]) == len(after["rewards"]) == 2 and len(before["rewards"][0]) == 2

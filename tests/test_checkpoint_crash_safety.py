@@ -121,8 +121,9 @@ def _resume_and_compare(world, out: Path) -> None:
     checkpoints = list_checkpoints(out)
     assert checkpoints, f"nothing left to resume from in {sorted(p.name for p in out.iterdir())}"
     assert all(is_complete_checkpoint(p) for p in checkpoints)
-    summary = train(parse_training_args([*_job(world["data"], world["config"], out), "--resume_from_checkpoint",
-                                         "latest"]))
+    summary = train(
+        parse_training_args([*_job(world["data"], world["config"], out), "--resume_from_checkpoint", "latest"])
+    )
     assert summary["global_step"] == 6
     resumed = load_state_dict(out / "final")
     different = [k for k in world["weights"] if not torch.equal(world["weights"][k], resumed[k])]

@@ -25,8 +25,15 @@ def test_round_trip(tmp_path, tower):
     again = RAHFConfig.from_pretrained(tmp_path)
     assert again.vision_config.model_type == tower
     assert again.to_dict() == config.to_dict()
-    assert again.task_names == ["implausibility", "misalignment", "plausibility", "alignment", "aesthetics", "overall",
-                                "keywords"]
+    assert again.task_names == [
+        "implausibility",
+        "misalignment",
+        "plausibility",
+        "alignment",
+        "aesthetics",
+        "overall",
+        "keywords",
+    ]
 
 
 @pytest.mark.parametrize("name", ["tiny.json", "base.json"])

@@ -289,7 +289,11 @@ def test_config_rejects_bad_values(kwargs, name):
 def test_misalignment_kind_weights_and_artifact_size_are_obeyed():
     # Only colour misalignments when only colour has weight; artifacts no smaller than asked.
     config = SynthConfig(
-        image_size=SIZE, seed=5, misalignment_rate=1.0, artifact_rate=1.0, artifact_radius=(0.2, 0.25),
+        image_size=SIZE,
+        seed=5,
+        misalignment_rate=1.0,
+        artifact_rate=1.0,
+        artifact_radius=(0.2, 0.25),
         misalignment_kind_weights={**dict.fromkeys(MISALIGNMENT_KINDS, 0.0), "colour": 1.0},
     )
     kinds, radii = set(), []

@@ -45,15 +45,39 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_assets")
-    return {"sd": save_tiny_sd(root / "sd"), "rahf": save_tiny_rahf(root / "rahf"),
-            "data": make_image_folder(root / "kept"), "root": root}
+    return {
+        "sd": save_tiny_sd(root / "sd"),
+        "rahf": save_tiny_rahf(root / "rahf"),
+        "data": make_image_folder(root / "kept"),
+        "root": root,
+    }
 
 
 def _argv(assets, out, *extra) -> list[str]:
-    return [str(a) for a in (
-        "--pretrained_model_name_or_path", assets["sd"], "--train_data_dir", assets["data"], "--resolution", 32,
-        "--train_batch_size", 2, "--learning_rate", "5e-2", "--rank", 4, "--output_dir", out, "--seed", 1,
-        "--random_flip", "--debug_check_sync", *extra)]
+    return [
+        str(a)
+        for a in (
+            "--pretrained_model_name_or_path",
+            assets["sd"],
+            "--train_data_dir",
+            assets["data"],
+            "--resolution",
+            32,
+            "--train_batch_size",
+            2,
+            "--learning_rate",
+            "5e-2",
+            "--rank",
+            4,
+            "--output_dir",
+            out,
+            "--seed",
+            1,
+            "--random_flip",
+            "--debug_check_sync",
+            *extra,
+        )
+    ]
 
 
 def _run(*argv):
@@ -64,10 +88,29 @@ def _run(*argv):
 def trained(assets):
     """4 steps (6 images, batch 2: 3 steps an epoch), checkpoints at 2 and 4, reward-weighted, validated."""
     out = assets["root"] / "run"
-    summary = _run(*_argv(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--reward_weighted",
-                          "--validation_prompts", "a red cat", "--validation_num_inference_steps", 2,
-                          "--validation_steps", 2, "--reward_model", assets["rahf"], "--lr_scheduler", "cosine",
-                          "--lr_warmup_steps", 1))
+    summary = _run(
+        *_argv(
+            assets,
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--reward_weighted",
+            "--validation_prompts",
+            "a red cat",
+            "--validation_num_inference_steps",
+            2,
+            "--validation_steps",
+            2,
+            "--reward_model",
+            assets["rahf"],
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            1,
+        )
+    )
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return {"out": out, "summary": summary}
@@ -79,16 +122,23 @@ def _same_tensors(a: dict, b: dict) -> bool:
 
 def _generate(pipe, seed=0) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    return pipe("a red cat", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(seed)).images
+    return pipe(
+        "a red cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
 
 
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def test_yaml_config_and_flags():
-    args = parse_finetune_args(["--config", "configs/improve/finetune_lora.yaml", "--max_train_steps", "3",
-                                "--validation_prompts", "x", "y"])
+    args = parse_finetune_args(
+        ["--config", "configs/improve/finetune_lora.yaml", "--max_train_steps", "3", "--validation_prompts", "x", "y"]
+    )
     assert (args.max_train_steps, args.learning_rate, args.validation_prompts) == (3, 1e-4, ["x", "y"])
     assert args.train_data_dir and args.checkpoints_total_limit == 3
     with pytest.raises(ValueError, match="rank"):
@@ -147,8 +197,23 @@ def test_resume_restores_the_saved_lora_and_reaches_the_same_weights(assets, tra
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")  # a run killed right after its step-2 checkpoint
-    summary = _run(*_argv(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--reward_weighted",
-                          "--lr_scheduler", "cosine", "--lr_warmup_steps", 1, "--resume_from_checkpoint", "latest"))
+    summary = _run(
+        *_argv(
+            assets,
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--reward_weighted",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            1,
+            "--resume_from_checkpoint",
+            "latest",
+        )
+    )
     assert summary["global_step"] == 4 and summary["resumed_from"].endswith("checkpoint-2")
 
     saved = load_file(str(full / "checkpoint-2" / LORA_WEIGHT_NAME))
@@ -163,13 +228,19 @@ def test_resume_restores_the_saved_lora_and_reaches_the_same_weights(assets, tra
 
 def test_restore_refuses_a_lora_of_another_shape(tmp_path):
     pipe = tiny_sd_pipeline(seed=0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     save_lora(pipe.unet, "sd", tmp_path)
     other = tiny_sd_pipeline(seed=0)
     torch.manual_seed(1)  # another random LoRA A
-    other.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    other.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     assert lora_checksum(other.unet) != lora_checksum(pipe.unet)
     restore_lora(other.unet, "sd", tmp_path)
     assert lora_checksum(other.unet) == lora_checksum(pipe.unet)
@@ -182,8 +253,19 @@ def test_restore_refuses_a_lora_of_another_shape(tmp_path):
 def test_8bit_adam_runs_and_checkpoints_are_pruned(assets, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "bnb"
-    summary = _run(*_argv(assets, out, "--use_8bit_adam", "--max_train_steps", 2, "--checkpointing_steps", 1,
-                          "--checkpoints_total_limit", 1))
+    summary = _run(
+        *_argv(
+            assets,
+            out,
+            "--use_8bit_adam",
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            1,
+            "--checkpoints_total_limit",
+            1,
+        )
+    )
     assert (summary["global_step"], summary["optimizer"]) == (2, "AdamW8bit")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     steps = read_jsonl(out / "debug_sync" / "rank0.jsonl")
@@ -195,9 +277,25 @@ def test_amused_transformer_lora_trains_and_loads(assets, tmp_path):
 
     amused = save_tiny_amused(tmp_path / "amused")
     out = tmp_path / "amused_lora"
-    summary = _run("--pretrained_model_name_or_path", amused, "--train_data_dir", assets["data"], "--resolution", 32,
-                   "--train_batch_size", 3, "--max_train_steps", 3, "--learning_rate", "1e-1", "--output_dir", out,
-                   "--checkpointing_steps", 2, "--debug_check_sync")
+    summary = _run(
+        "--pretrained_model_name_or_path",
+        amused,
+        "--train_data_dir",
+        assets["data"],
+        "--resolution",
+        32,
+        "--train_batch_size",
+        3,
+        "--max_train_steps",
+        3,
+        "--learning_rate",
+        "1e-1",
+        "--output_dir",
+        out,
+        "--checkpointing_steps",
+        2,
+        "--debug_check_sync",
+    )
     assert summary["kind"] == "amused" and summary["global_step"] == 3
     state = load_file(str(out / LORA_WEIGHT_NAME))
     assert state and all(k.startswith("transformer.") and "lora" in k for k in state)
@@ -209,8 +307,11 @@ def test_amused_transformer_lora_trains_and_loads(assets, tmp_path):
     assert not np.array_equal(_generate(pipe), before)
     # The checkpoint's LoRA restores into a fresh adapter exactly.
     fresh = DiffusionPipeline.from_pretrained(str(amused)).transformer
-    fresh.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    fresh.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     restore_lora(fresh, "amused", out / "checkpoint-2")
     assert lora_checksum(fresh) == read_jsonl(out / "debug_sync" / "rank0.jsonl")[1]["sha256"]
 
@@ -218,8 +319,11 @@ def test_amused_transformer_lora_trains_and_loads(assets, tmp_path):
 @pytest.mark.distributed
 def test_two_processes_keep_identical_lora(assets, tmp_path):
     out = tmp_path / "ddp"
-    launch_two_processes("rahf.improve.finetune", _argv(assets, out, "--train_batch_size", 1, "--max_train_steps", 3,
-                                                   "--checkpointing_steps", 2), cwd=tmp_path)
+    launch_two_processes(
+        "rahf.improve.finetune",
+        _argv(assets, out, "--train_batch_size", 1, "--max_train_steps", 3, "--checkpointing_steps", 2),
+        cwd=tmp_path,
+    )
     rank0, rank1 = read_jsonl(out / "debug_sync" / "rank0.jsonl"), read_jsonl(out / "debug_sync" / "rank1.jsonl")
     assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [1, 2, 3]
     for a, b in zip(rank0, rank1):
@@ -231,7 +335,10 @@ def test_two_processes_keep_identical_lora(assets, tmp_path):
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (out / "checkpoint-2").iterdir()}
     # The final file holds the weights both ranks ended with.
     pipe = tiny_sd_pipeline(seed=0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     restore_lora(pipe.unet, "sd", out)
     assert lora_checksum(pipe.unet) == rank0[-1]["sha256"]

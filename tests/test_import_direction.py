@@ -75,8 +75,15 @@ def _lazy_targets(path: Path, package: str) -> list[tuple[int, str]]:
 
 def test_the_walk_finds_every_package():
     names = {m for m, _ in modules()}
-    assert {"rahf", "rahf.train", "rahf.reward", "rahf.pipelines.rahf_inpaint", "rahf.improve.best_of_n",
-            "rahf.improve.demo", "rahf.cli"} <= names
+    assert {
+        "rahf",
+        "rahf.train",
+        "rahf.reward",
+        "rahf.pipelines.rahf_inpaint",
+        "rahf.improve.best_of_n",
+        "rahf.improve.demo",
+        "rahf.cli",
+    } <= names
     assert layer_of("rahf.improve.demo") == "improve" and layer_of("rahf.pipelines") == "pipelines"
     assert layer_of("rahf.cli") == "cli" and layer_of("rahf.data.synth") == "core" and layer_of("torch") is None
 
@@ -91,12 +98,16 @@ def test_no_import_runs_against_the_direction(module, path):
     for line, target in imports:
         layer = layer_of(target)
         if layer is not None and LAYERS[layer] > own:
-            wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({layer} layer) from the {layer_of(module)} layer")
+            wrong.append(
+                f"{path.relative_to(ROOT)}:{line} imports {target} ({layer} layer) from the {layer_of(module)} layer"
+            )
     assert not wrong, "imports against the direction core <- pipelines <- improve <- cli:\n" + "\n".join(wrong)
 
 
 def test_the_checker_catches_a_wrong_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from rahf.improve.best_of_n import run_best_of_n\n    from ..pipelines import masks\n")
+    bad.write_text(
+        "def f():\n    from rahf.improve.best_of_n import run_best_of_n\n    from ..pipelines import masks\n"
+    )
     found = [layer_of(t) for _, t in imported_modules("rahf.data.bad", bad)]
     assert "improve" in found and "pipelines" in found

@@ -89,8 +89,21 @@ def test_cli_batch_size_is_checked_by_argparse_and_nothing_is_written(saved_mode
     image = tmp_path / "a.png"
     IMAGE.save(image)
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--model", str(saved_model), "--image", str(image), "--prompt", "a cat", "--out",
-              str(tmp_path / "out"), "--batch_size", bad])
+        main(
+            [
+                "predict",
+                "--model",
+                str(saved_model),
+                "--image",
+                str(image),
+                "--prompt",
+                "a cat",
+                "--out",
+                str(tmp_path / "out"),
+                "--batch_size",
+                bad,
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --batch_size: must be a whole number >= 1" in err and bad in err
@@ -123,8 +136,9 @@ def test_an_oversize_image_file_is_refused_from_its_header_before_decoding(tmp_p
         raise AssertionError("decoded an image that the header already showed was over the cap")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(ImageTooLargeError, match=f"{side} x {side} = {side * side:,} pixels, more than the cap of "
-                                                 "40,000,000"):
+    with pytest.raises(
+        ImageTooLargeError, match=f"{side} x {side} = {side * side:,} pixels, more than the cap of 40,000,000"
+    ):
         load_image(path)
     with pytest.raises(ValueError, match="huge.png"):
         tiny_rahf_processor().preprocess_images([path])
@@ -174,8 +188,17 @@ def test_predictor_and_processor_take_their_own_cap(monkeypatch):
 def test_cli_max_image_pixels_sets_the_cap(saved_model, tmp_path, capsys, monkeypatch):
     image = tmp_path / "a.png"
     IMAGE.save(image)
-    args = ["predict", "--model", str(saved_model), "--image", str(image), "--prompt", "a cat", "--out",
-            str(tmp_path / "out")]
+    args = [
+        "predict",
+        "--model",
+        str(saved_model),
+        "--image",
+        str(image),
+        "--prompt",
+        "a cat",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main([*args, "--max_image_pixels", "100"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rahf predict: error: image") and "240 pixels, more than the cap of 100" in err
@@ -189,8 +212,19 @@ def test_cli_max_image_pixels_sets_the_cap(saved_model, tmp_path, capsys, monkey
 def test_cli_refuses_a_decompression_bomb_in_one_line(saved_model, tmp_path, capsys):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header(14_000, 14_000))
-    code = main(["predict", "--model", str(saved_model), "--image", str(bomb), "--prompt", "a cat", "--out",
-                 str(tmp_path / "out")])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(saved_model),
+            "--image",
+            str(bomb),
+            "--prompt",
+            "a cat",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "bomb.png" in err and "196,000,000 pixels" in err and "DecompressionBomb" not in err
@@ -232,8 +266,22 @@ def test_cli_missing_model_folder_names_the_flag(tmp_path, capsys):
     image = tmp_path / "a.png"
     IMAGE.save(image)
     for missing in (str(tmp_path / "missing"), "org/name"):
-        assert main(["predict", "--model", missing, "--image", str(image), "--prompt", "a cat", "--out",
-                     str(tmp_path / "out")]) == 2
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    missing,
+                    "--image",
+                    str(image),
+                    "--prompt",
+                    "a cat",
+                    "--out",
+                    str(tmp_path / "out"),
+                ]
+            )
+            == 2
+        )
         assert f"rahf predict: error: `--model` '{missing}' is not a folder" in capsys.readouterr().err
 
 
@@ -251,8 +299,10 @@ def test_a_missing_local_tower_is_an_error_not_a_hub_lookup(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"heatmap_size": "32"},
-         re.escape("`heatmap_size` must be a positive int, got '32' (a str); write 32 in config.json")),
+        (
+            {"heatmap_size": "32"},
+            re.escape("`heatmap_size` must be a positive int, got '32' (a str); write 32 in config.json"),
+        ),
         ({"heatmap_size": 0}, "`heatmap_size` must be a positive int, got 0"),
         ({"heatmap_size": [16, 8]}, r"`heatmap_size` must be one side \(heatmaps are square\)"),
         ({"text_config": [1, 2]}, r"`text_config` must be a mapping .* got \[1, 2\] \(a list\)"),
@@ -261,8 +311,10 @@ def test_a_missing_local_tower_is_an_error_not_a_hub_lookup(tmp_path, monkeypatc
         ({"text_config": {"vocab_size": -1}}, "`text_config.vocab_size` must be a positive int, got -1"),
         ({"vision_config": "vit"}, "`vision_config` must be a mapping"),
         ({"vision_config": {"model_type": "vit", "num_channels": 1}}, "`vision_config.num_channels` must be 3"),
-        ({"vision_config": {"model_type": "vit", "image_size": 32, "patch_size": 64}},
-         "patch_size` \\(64\\) is larger"),
+        (
+            {"vision_config": {"model_type": "vit", "image_size": 32, "patch_size": 64}},
+            "patch_size` \\(64\\) is larger",
+        ),
         ({"variant": 3}, "`variant` must be one of \\['multi_head', 'augmented_prompt'\\], got 3 \\(an int\\)"),
         ({"score_names": "overall"}, "`score_names` must be a non-empty list of names, got 'overall'"),
         ({"score_names": []}, "`score_names` must be a non-empty list"),
@@ -305,13 +357,20 @@ def test_good_values_are_normalised_and_round_trip(tmp_path):
     assert RAHFConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
     # a default task no longer in the model (fewer scores) is dropped, not an error
     assert list(tiny_rahf_config(score_names=["overall"], task_strings=config.task_strings).task_strings) == [
-        "implausibility", "misalignment", "overall", "keywords"]
+        "implausibility",
+        "misalignment",
+        "overall",
+        "keywords",
+    ]
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("heatmap_size", "32", "`heatmap_size` must be a positive int, got '32' (a str); write 32 in config.json"),
-    ("text_config", [1, 2], "`text_config` must be a mapping of text-tower settings"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("heatmap_size", "32", "`heatmap_size` must be a positive int, got '32' (a str); write 32 in config.json"),
+        ("text_config", [1, 2], "`text_config` must be a mapping of text-tower settings"),
+    ],
+)
 def test_a_saved_folder_with_a_bad_config_json_names_the_field(saved_model, tmp_path, capsys, field, value, message):
     folder = copy_of(saved_model, tmp_path)
     edit_json(folder / "config.json", **{field: value})
@@ -321,8 +380,22 @@ def test_a_saved_folder_with_a_bad_config_json_names_the_field(saved_model, tmp_
         assert "config.json" in str(err.value) and message in str(err.value)
     image = tmp_path / "a.png"
     IMAGE.save(image)
-    assert main(["predict", "--model", str(folder), "--image", str(image), "--prompt", "a cat", "--out",
-                 str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(folder),
+                "--image",
+                str(image),
+                "--prompt",
+                "a cat",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("rahf predict: error:") and message in err and len(err.splitlines()) == 1
 
@@ -338,8 +411,11 @@ def test_init_model_reports_a_bad_preset_in_one_line(tmp_path, capsys):
     preset = json.loads((Path(__file__).resolve().parent.parent / "configs/model/tiny.json").read_text())
     (tmp_path / "bad.json").write_text(json.dumps({**preset, "heatmap_size": "32"}))
     (tmp_path / "broken.json").write_text("{oops")
-    for name, message in (("bad.json", "`heatmap_size` must be a positive int, got '32'"),
-                          ("broken.json", "is not valid JSON"), ("missing.json", "is not a file")):
+    for name, message in (
+        ("bad.json", "`heatmap_size` must be a positive int, got '32'"),
+        ("broken.json", "is not valid JSON"),
+        ("missing.json", "is not a file"),
+    ):
         assert main(["init-model", "--config", str(tmp_path / name), "--out", str(tmp_path / "m")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
@@ -357,7 +433,10 @@ def test_init_model_reports_a_bad_preset_in_one_line(tmp_path, capsys):
         ({"image_processor": {"image_std": [0.5, 0.5, "0.5"]}}, r"`image_std` must hold 3 finite numbers"),
         ({"max_text_length": -5}, "`max_text_length` must be an int >= 2, got -5 .*processor_config.json"),
         ({"max_target_length": 0}, "`max_target_length` must be an int >= 2, got 0"),
-        ({"image_processor": {"size": "32"}}, "`size` must be a positive int, got '32' .*write 32 in the `image_processor` entry"),
+        (
+            {"image_processor": {"size": "32"}},
+            "`size` must be a positive int, got '32' .*write 32 in the `image_processor` entry",
+        ),
         ({"variant": "both"}, "`variant` must be one of"),
         ({"task_names": []}, "`task_names` must be a non-empty list"),
         ({"task_strings": {"overall": 3}}, "`task_strings` must map each task to a non-empty text"),
@@ -432,8 +511,14 @@ def test_the_training_collator_names_the_record_of_an_empty_prompt():
     from rahf.data.collate import RAHFCollator
 
     def item(uid, prompt, labels):
-        return {"uid": uid, "image": IMAGE, "prompt": prompt, "word_labels": labels,
-                "heatmaps": torch.zeros(2, 16, 16), "scores": torch.zeros(4)}
+        return {
+            "uid": uid,
+            "image": IMAGE,
+            "prompt": prompt,
+            "word_labels": labels,
+            "heatmaps": torch.zeros(2, 16, 16),
+            "scores": torch.zeros(4),
+        }
 
     collator = RAHFCollator(tiny_rahf_processor())
     assert collator([item("r1", "a cat", [1, 1])])["input_ids"].shape[0] == 1
@@ -444,8 +529,22 @@ def test_the_training_collator_names_the_record_of_an_empty_prompt():
 def test_cli_refuses_an_empty_prompt(saved_model, tmp_path, capsys):
     image = tmp_path / "a.png"
     IMAGE.save(image)
-    assert main(["predict", "--model", str(saved_model), "--image", str(image), "--prompt", "  ", "--out",
-                 str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(saved_model),
+                "--image",
+                str(image),
+                "--prompt",
+                "  ",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "rahf predict: error: --prompt: prompt 0 is empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -496,8 +595,22 @@ def test_a_malicious_pickle_is_never_unpickled(saved_model, tmp_path, capsys):
             load(folder)
     image = tmp_path / "a.png"
     IMAGE.save(image)
-    assert main(["predict", "--model", str(folder), "--image", str(image), "--prompt", "a cat", "--out",
-                 str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(folder),
+                "--image",
+                str(image),
+                "--prompt",
+                "a cat",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert CLEAR in err and "UnpicklingError" not in err and "weights_only=False" not in err
     assert not marker.exists()
@@ -520,8 +633,11 @@ def test_baselines_load_safetensors_only(tmp_path):
             torch.save(payload, folder / "pytorch_model.bin")
         else:
             (folder / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
-        for load in (RAHFResNetModel.from_pretrained, BaselineRater.from_pretrained,
-                     lambda p: build_trainable("resnet50", None, pretrained_model_name_or_path=p)):
+        for load in (
+            RAHFResNetModel.from_pretrained,
+            BaselineRater.from_pretrained,
+            lambda p: build_trainable("resnet50", None, pretrained_model_name_or_path=p),
+        ):
             with pytest.raises(ValueError, match="holds pytorch_model.bin but no model.safetensors"):
                 load(folder)
     assert not marker.exists()

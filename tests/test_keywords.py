@@ -6,7 +6,15 @@ from rahf.keywords import decode_keyword_indices, encode_keyword_target, split_p
 
 
 def test_split_matches_the_release():
-    assert split_prompt_words('A cat, "sitting" on: a mat?!  (ok)') == ["A", "cat", "sitting", "on", "a", "mat", "(ok)"]
+    assert split_prompt_words('A cat, "sitting" on: a mat?!  (ok)') == [
+        "A",
+        "cat",
+        "sitting",
+        "on",
+        "a",
+        "mat",
+        "(ok)",
+    ]
     assert split_prompt_words(" ,. ") == []
 
 

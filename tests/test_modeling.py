@@ -53,7 +53,9 @@ def test_every_trainable_parameter_gets_a_gradient(variant):
     out = model(**make_batch(tiny_rahf_processor(variant)), **labels_for(model))
     assert out.heatmap_loss is not None and out.score_loss is not None and out.sequence_loss is not None
     out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
     assert not missing, missing
 
 
@@ -122,13 +124,25 @@ def test_save_and_load_give_identical_outputs_from_safetensors_only(tmp_path, va
 
 def test_builds_from_pretrained_towers_saved_locally(tmp_path):
     torch.manual_seed(1)
-    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64), add_pooling_layer=False)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                             decoder_start_token_id=0))
+    vit = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    )
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    )
     vit.save_pretrained(tmp_path / "vit")
     t5.save_pretrained(tmp_path / "t5")
-    config = tiny_rahf_config(vision_model_name_or_path=str(tmp_path / "vit"), text_model_name_or_path=str(tmp_path / "t5"))
+    config = tiny_rahf_config(
+        vision_model_name_or_path=str(tmp_path / "vit"), text_model_name_or_path=str(tmp_path / "t5")
+    )
     model = RAHFModel.from_pretrained_towers(config)
     for name, tensor in vit.state_dict().items():
         torch.testing.assert_close(model.vision_model.state_dict()[name], tensor, rtol=0, atol=0)
@@ -138,7 +152,8 @@ def test_builds_from_pretrained_towers_saved_locally(tmp_path):
     model.save_pretrained(tmp_path / "rahf")
     again = RAHFModel.from_pretrained(tmp_path / "rahf")
     torch.testing.assert_close(
-        again.vision_model.embeddings.patch_embeddings.projection.weight, vit.embeddings.patch_embeddings.projection.weight
+        again.vision_model.embeddings.patch_embeddings.projection.weight,
+        vit.embeddings.patch_embeddings.projection.weight,
     )
 
 

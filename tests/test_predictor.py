@@ -104,8 +104,12 @@ def test_generate_keywords_at_a_threshold_writes_the_marker_exactly_when_likely_
     assert processor.tokenizer.convert_ids_to_tokens([marker]) == ["\u01200"]  # the byte-level BPE's " 0"
     images = [Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 30, 200))]
     enc = processor.encode_prompts(["a red circle on a table", "two blue squares"], tasks=["keywords"])
-    kwargs = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                  pixel_values=processor.preprocess_images(images), max_new_tokens=12)
+    kwargs = dict(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        pixel_values=processor.preprocess_images(images),
+        max_new_tokens=12,
+    )
     # An output layer of zeros makes every token equally likely (1 / V): a threshold just under that writes the
     # marker first and then after every other token; one just over it never writes it.
     torch.nn.init.zeros_(model.text_model.lm_head.weight)

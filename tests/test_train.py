@@ -130,8 +130,20 @@ def test_word_swap_needs_groups_and_is_ignored_by_models_without_keywords(tiny_s
         _run(*_argv(data, config, tmp_path / "rahf", "--word_swap_rate", "0.5", "--max_train_steps", "1"))
     out = tmp_path / "resnet"
     summary = _run(
-        "--data_dir", str(data), "--model_type", "resnet50", "--model_config", "configs/model/resnet50_tiny.json",
-        "--output_dir", str(out), "--word_swap_rate", "0.5", "--max_train_steps", "1", "--validation_split", "none",
+        "--data_dir",
+        str(data),
+        "--model_type",
+        "resnet50",
+        "--model_config",
+        "configs/model/resnet50_tiny.json",
+        "--output_dir",
+        str(out),
+        "--word_swap_rate",
+        "0.5",
+        "--max_train_steps",
+        "1",
+        "--validation_split",
+        "none",
     )
     assert summary["global_step"] == 1 and "ignored for resnet50" in caplog.text
 
@@ -447,10 +459,19 @@ def test_calibrate_keyword_threshold_picks_the_best_validation_f1_greedy_on_ties
     from rahf.predictor import RichFeedback
 
     rows = [
-        {"uid": f"u{i}", "image": Image.new("RGB", (8, 8)), "prompt": "a red circle", "plausibility": 0.5,
-         "alignment": 0.5, "aesthetics": 0.5, "overall": 0.5, "implausibility_map": Image.new("L", (8, 8)),
-         "misalignment_map": Image.new("L", (8, 8)), "prompt_words": ["a", "red", "circle"],
-         "word_labels": [1, 0, 1]}
+        {
+            "uid": f"u{i}",
+            "image": Image.new("RGB", (8, 8)),
+            "prompt": "a red circle",
+            "plausibility": 0.5,
+            "alignment": 0.5,
+            "aesthetics": 0.5,
+            "overall": 0.5,
+            "implausibility_map": Image.new("L", (8, 8)),
+            "misalignment_map": Image.new("L", (8, 8)),
+            "prompt_words": ["a", "red", "circle"],
+            "word_labels": [1, 0, 1],
+        }
         for i in range(4)
     ]
     split = Dataset.from_list(rows, features=FEATURES)

@@ -126,7 +126,9 @@ def test_two_processes_stay_in_sync_and_resume(tmp_path):
     from rahf.data.schema import load_rich_feedback
 
     thresholds = [r["threshold"] for r in calibration["table"]]
-    table = keyword_scores_at_thresholds(final.model, final.processor, load_rich_feedback(data)["validation"], thresholds)
+    table = keyword_scores_at_thresholds(
+        final.model, final.processor, load_rich_feedback(data)["validation"], thresholds
+    )
     assert [round(r["f1"], 6) for r in table] == [round(r["f1"], 6) for r in calibration["table"]]
     assert final.model.config.keyword_threshold == calibration["threshold"]
 
