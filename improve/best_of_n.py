@@ -43,10 +43,17 @@ from PIL import Image
 from rahf.pipelines.loading import dtype_kwarg
 
 from rahf.constants import SCORE_NAMES
-from rahf.job_args import check_finite_numbers, parse_job_args, read_prompt_records, uses_cpu_processes
+from rahf.job_args import (
+    check_finite_numbers,
+    check_int_fields,
+    parse_job_args,
+    read_prompt_records,
+    uses_cpu_processes,
+)
 from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.pretrained_paths import resolve_pretrained_path
 from rahf.reward import RewardFn, load_reward, parse_reward, score_table
+from rahf.training_utils import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +170,11 @@ class BestOfNArguments:
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
-        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "reward_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"`max_prompts` must be a positive int or unset, got {self.max_prompts!r}")
+        check_int_fields(
+            self,
+            positive=("num_images_per_prompt", "num_inference_steps", "batch_size", "reward_batch_size"),
+            positive_or_unset=("max_prompts",),
+        )
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"`resolution` must be at least 8 pixels or unset, got {self.resolution!r}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
@@ -220,19 +226,6 @@ def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
 # Crash-safe files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes `data` to a hidden temporary name beside `path`, fsyncs it, then renames it over `path`.
 
@@ -245,7 +238,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from rahf.constants import SCORE_NAMES
-from rahf.job_args import check_finite_numbers, parse_job_args, uses_cpu_processes
+from rahf.job_args import check_finite_numbers, check_int_fields, parse_job_args, uses_cpu_processes
 from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.reward import load_reward, score_table
 from rahf.training_utils import (
@@ -193,34 +193,28 @@ class LoRAFineTuneArguments:
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
-        for name in (
-            "train_batch_size",
-            "num_train_epochs",
-            "gradient_accumulation_steps",
-            "rank",
-            "logging_steps",
-            "num_validation_images",
-            "validation_num_inference_steps",
-            "resolution",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        for name in (
-            "max_train_steps",
-            "validation_steps",
-            "checkpoints_total_limit",
-            "max_train_samples",
-            "lora_alpha",
-            "validation_resolution",
-        ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive int or unset, got {value!r}")
-        for name in ("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
+        check_int_fields(
+            self,
+            positive=(
+                "train_batch_size",
+                "num_train_epochs",
+                "gradient_accumulation_steps",
+                "rank",
+                "logging_steps",
+                "num_validation_images",
+                "validation_num_inference_steps",
+                "resolution",
+            ),
+            positive_or_unset=(
+                "max_train_steps",
+                "validation_steps",
+                "checkpoints_total_limit",
+                "max_train_samples",
+                "lora_alpha",
+                "validation_resolution",
+            ),
+            non_negative=("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers"),
+        )
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 __all__ = [
     "check_finite_numbers",
+    "check_int_fields",
     "load_yaml_defaults",
     "parse_job_args",
     "read_prompt_records",
@@ -80,6 +81,27 @@ def parse_job_args(dataclass_type: type[T], argv: list[str] | None, prog: str, d
         parser.set_defaults(**load_yaml_defaults(known.config, dataclass_type, parser, prog))
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return args
+
+
+def check_int_fields(
+    args: Any,
+    positive: tuple[str, ...] = (),
+    positive_or_unset: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+) -> None:
+    """Raises `ValueError` naming the first named field of `args` that is not an int in its range: `positive` ones
+    >= 1, `positive_or_unset` ones >= 1 or None, `non_negative` ones >= 0."""
+    for names, low, may_be_none, what in (
+        (positive, 1, False, "a positive int"),
+        (positive_or_unset, 1, True, "a positive int or unset"),
+        (non_negative, 0, False, "a non-negative int"),
+    ):
+        for name in names:
+            value = getattr(args, name)
+            if value is None and may_be_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be {what}, got {value!r}")
 
 
 def check_finite_numbers(args: Any) -> None:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .job_args import check_finite_numbers, parse_job_args
+from .job_args import check_finite_numbers, check_int_fields, parse_job_args
 from .precision import MIXED_PRECISIONS
 from .training_utils import LR_SCHEDULES
 
@@ -180,32 +180,25 @@ class RAHFTrainingArguments:
         check_finite_numbers(self)
         if self.validation_split in ("", "none", "None"):
             self.validation_split = None
-        positive = (
-            "train_batch_size",
-            "eval_batch_size",
-            "gradient_accumulation_steps",
-            "num_train_epochs",
-            "logging_steps",
+        check_int_fields(
+            self,
+            positive=(
+                "train_batch_size",
+                "eval_batch_size",
+                "gradient_accumulation_steps",
+                "num_train_epochs",
+                "logging_steps",
+            ),
+            positive_or_unset=(
+                "max_train_steps",
+                "validation_steps",
+                "checkpoints_total_limit",
+                "max_train_samples",
+                "max_eval_samples",
+                "tasks_per_image",
+            ),
+            non_negative=("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers"),
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        for name in (
-            "max_train_steps",
-            "validation_steps",
-            "checkpoints_total_limit",
-            "max_train_samples",
-            "max_eval_samples",
-            "tasks_per_image",
-        ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive int or unset, got {value!r}")
-        for name in ("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}")
         if not 0 <= self.lr_end <= self.learning_rate:

@@ -57,6 +57,7 @@ __all__ = [
     "build_optimizer",
     "build_trackers",
     "check_finite_parameters",
+    "fsync_dir",
     "checkpoint_step",
     "is_complete_checkpoint",
     "json_value",
@@ -89,10 +90,11 @@ def _fsync_tree(root: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for folder in reversed(folders):
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Flushes a folder's entries (a rename or a new file in it) to disk, where the platform allows it."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders; renames there are as durable as they get
@@ -122,7 +124,7 @@ def _remove_tree(path: Path) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.rename(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(trash)
 
 
@@ -132,7 +134,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         _remove_tree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 @contextmanager
