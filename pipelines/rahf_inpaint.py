@@ -440,7 +440,8 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
         tokenizer ([`~transformers.CLIPTokenizer`]), scheduler ([`SchedulerMixin`]):
             As in [`StableDiffusionInpaintPipeline`].
         unet ([`UNet2DConditionModel`]):
-            An inpainting UNet: 9 input channels (latents, mask, masked-image latents).
+            An inpainting UNet (9 input channels: latents, mask, masked-image latents) or the UNet of any text-to-image
+            checkpoint (4 channels), which inpaints by blending the input's latents in outside the mask.
         reward_model ([`rahf.RAHFModel`]):
             The trained RAHF model that predicts heatmaps and rescores candidates.
         reward_processor ([`rahf.RAHFProcessor`]):
@@ -520,12 +521,14 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
         return max(8, self.vae_scale_factor)
 
     def _check_generator_inputs(self, generator: Any, callback_on_step_end_tensor_inputs: Any) -> None:
-        in_channels = self.unet.config.in_channels
-        if in_channels != 9:
+        in_channels, latent_channels = self.unet.config.in_channels, self.vae.config.latent_channels
+        # 9 channels: an inpainting UNet (latents, mask, masked-image latents). A text-to-image UNet (as many channels
+        # as the latents) inpaints as diffusers does with it: the noised input's latents are blended in outside the
+        # mask at every step.
+        if in_channels not in (2 * latent_channels + 1, latent_channels):
             raise ValueError(
-                f"`unet` must be an inpainting UNet with 9 input channels (latents, mask, masked-image latents), got "
-                f"in_channels={in_channels}; build the pipeline from an inpainting checkpoint such as "
-                "stable-diffusion-v1-5/stable-diffusion-inpainting"
+                f"`unet` must be a text-to-image UNet ({latent_channels} input channels) or an inpainting UNet "
+                f"({2 * latent_channels + 1}: latents, mask, masked-image latents), got in_channels={in_channels}"
             )
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs

@@ -78,3 +78,32 @@ def image_grid(
         if captions:
             draw.text((x, y + h), str(captions[k])[: max(4, w // 6)], fill=(0, 0, 0), font=font)
     return grid
+
+
+def image_rows(
+    rows: Sequence[Sequence[Image.Image]],
+    labels: Sequence[str],
+    column_titles: Sequence[str] | None = None,
+    pad: int = 2,
+) -> Image.Image:
+    """Rows of images, each under a full-width text line (e.g. its prompt), with optional titles over the columns."""
+    if not rows or not any(rows):
+        raise ValueError("`rows` is empty: nothing to put in a picture")
+    if len(labels) != len(rows):
+        raise ValueError(f"got {len(rows)} rows and {len(labels)} labels: give one label per row")
+    cols = max(len(r) for r in rows)
+    w = max(im.width for r in rows for im in r)
+    h = max(im.height for r in rows for im in r)
+    line = 12
+    top = line if column_titles else 0
+    grid = Image.new("RGB", (cols * (w + pad) + pad, top + len(rows) * (h + line + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for c, title in enumerate(column_titles or []):
+        draw.text((pad + c * (w + pad), 0), str(title)[: max(4, w // 6)], fill=(0, 0, 0), font=font)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        y = top + pad + r * (h + line + pad)
+        draw.text((pad, y), str(label)[: max(8, (cols * (w + pad)) // 6)], fill=(0, 0, 0), font=font)
+        for c, im in enumerate(images):
+            grid.paste(im.convert("RGB"), (pad + c * (w + pad), y + line))
+    return grid

@@ -306,9 +306,33 @@ def test_bad_input_raises_a_value_error_naming_the_argument(sd_pipe, monkeypatch
     assert counter.predictor_batches == [] and counter.generator_calls == []
 
 
-def test_a_unet_that_is_not_an_inpainting_unet_is_rejected(reward) -> None:
+def test_a_text_to_image_unet_inpaints_through_the_blended_latent_path(reward, monkeypatch) -> None:
+    """Any text-to-image checkpoint inpaints (4-channel UNet, latents blended outside the mask, as diffusers does):
+    one batched generator call, the input's pixels exactly outside the mask, new pixels inside it."""
     pipe = RAHFInpaintPipeline.from_pipe(tiny_sd_pipeline(), **reward)  # text-to-image UNet: 4 input channels
-    with pytest.raises(ValueError, match=r"`unet` must be an inpainting UNet with 9 input channels.*in_channels=4"):
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels
+    counter = CallCounter(monkeypatch, pipe.unet)
+    image = _image()
+    out = pipe(PROMPT, image, heatmap=_square_heat(), threshold=0.5, num_candidates=3, num_inference_steps=STEPS,
+               generator=torch.manual_seed(0))  # fmt: skip
+    counter.remove()
+    assert len(counter.generator_calls) == 1 and counter.generator_calls[0]["num_images_per_prompt"] == 3
+    original = np.asarray(image)
+    outside = ~out.mask
+    assert out.mask.any() and outside.any()
+    for candidate in out.candidates:
+        candidate = np.asarray(candidate)
+        assert np.array_equal(candidate[outside], original[outside])
+        assert not np.array_equal(candidate[out.mask], original[out.mask])
+
+
+def test_a_unet_of_another_channel_count_is_rejected(reward) -> None:
+    from diffusers import UNet2DConditionModel
+
+    pipe = RAHFInpaintPipeline.from_pipe(tiny_sd_pipeline(), **reward)
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 5})
+    with pytest.raises(ValueError, match=r"`unet` must be a text-to-image UNet \(4 input channels\).*in_channels=5"):
         pipe(PROMPT, _image(), heatmap=_square_heat(), threshold=0.5)
 
 
