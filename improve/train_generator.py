@@ -121,7 +121,7 @@ class GeneratorTrainingArguments:
     ema_decay: float | None = field(default=0.999, metadata={"help": "EMA of the UNet's weights (None: no EMA)"})
     num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps of the noise schedule"})
     # ---- validation, checkpoints, logs
-    validation_steps: int | None = field(default=1000, metadata={"help": "write a validation grid every N steps"})
+    validation_steps: int = field(default=1000, metadata={"help": "write a validation grid every N steps (0: never)"})
     num_validation_prompts: int = field(default=8, metadata={"help": "validation prompts (from the validation split)"})
     validation_inference_steps: int = field(default=25, metadata={"help": "denoising steps of the validation grid"})
     guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance of the validation grid"})
@@ -147,8 +147,11 @@ class GeneratorTrainingArguments:
                 "text_layers", "max_prompt_length", "vae_batch_size", "train_batch_size", "num_validation_prompts",
                 "validation_inference_steps", "logging_steps", "num_train_timesteps",
             ),
-            positive_or_unset=("max_train_samples", "validation_steps", "checkpoints_total_limit"),
-            non_negative=("vae_steps", "unet_steps", "lr_warmup_steps", "checkpointing_steps", "dataloader_num_workers"),
+            positive_or_unset=("max_train_samples", "checkpoints_total_limit"),
+            non_negative=(
+                "vae_steps", "unet_steps", "lr_warmup_steps", "checkpointing_steps", "validation_steps",
+                "dataloader_num_workers",
+            ),
         )  # fmt: skip
         if self.vae_steps + self.unet_steps == 0:
             raise ValueError("`vae_steps` and `unet_steps` are both 0: give a stage some steps")
@@ -625,6 +628,9 @@ def train_generator(args: GeneratorTrainingArguments) -> dict[str, Any]:
             summary = {"global_step": global_step, "train_seconds": time.perf_counter() - start_time,
                        "num_train_images": len(dataset), "args": args.to_dict()}  # fmt: skip
             (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            # What it trained on, so that held-out prompts can be drawn apart from it (`rahf efficacy`).
+            prompts = sorted(set(split["prompt"]))
+            (tmp / "training_prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
         if validation_prompts:
             write_validation_grid(pipe, validation_prompts, output_dir / "validation" / "final.png", args)
         logger.info("saved the generator to %s (%d steps)", final_dir, global_step)

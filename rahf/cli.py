@@ -58,6 +58,7 @@ DELEGATED = {
     "inpaint": ("rahf.improve.inpaint", "heatmap -> mask -> K inpainted candidates -> rescored -> best"),
     "guide": ("rahf.improve.guided_sample", "sampling with classifier guidance from a RAHF score"),
     "best-of-n": ("rahf.improve.best_of_n", "generate N per prompt, keep the best above a threshold"),
+    "efficacy": ("rahf.improve.efficacy", "the paper's §5 experiments in the measuring world, judged, with controls"),
 }
 
 
