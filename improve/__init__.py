@@ -30,7 +30,6 @@ _EXPORTS = {
     "GuidedSampleArguments": ".guided_sample",
     "guided_sample": ".guided_sample",
     "load_rahf_inpaint_pipeline": ".inpaint",
-    "repair_report": ".repair_report",
     "run_demo": ".demo",
 }
 
@@ -47,7 +46,6 @@ __all__ = [
     "load_reward",
     "parse_reward",
     "register_reward",
-    "repair_report",
     "run_best_of_n",
     "run_demo",
     "train_lora",
@@ -61,6 +59,5 @@ if TYPE_CHECKING:
     from .finetune import LoRAFineTuneArguments, load_lora_into_pipeline, train_lora
     from .guided_sample import GuidedSampleArguments, guided_sample
     from .inpaint import load_rahf_inpaint_pipeline
-    from .repair_report import repair_report
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

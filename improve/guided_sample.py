@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GuidedSampleArguments",
     "SCHEDULERS",
-    "guidance_report",
     "guided_sample",
     "main",
     "parse_args",
@@ -307,28 +306,6 @@ def guided_sample(
             row["nan_count"],
         )
     return summary
-
-
-def guidance_report(
-    reward_model_dir: str | Path,
-    sd_pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    scales: Sequence[float],
-    out_dir: str | Path,
-    reward: str = "aesthetics",
-    **kwargs,
-) -> dict[str, Any]:
-    """For `rahf demo`: guided sampling with the RAHF model saved in `reward_model_dir`.
-
-    Returns:
-        The summary of [`guided_sample`] (`per_scale`: mean target score per scale, 0 first, and the means of the
-        other scores; `grid`: the grid PNG). `kwargs` go to `guided_sample` (`num_inference_steps`, `guidance_scale`,
-        `guide_every`, ...).
-    """
-    model = RAHFModel.from_pretrained(reward_model_dir)
-    processor = RAHFProcessor.from_pretrained(reward_model_dir)
-    return guided_sample(sd_pipe, model, processor, prompts, seeds, scales, out_dir, reward=reward, **kwargs)
 
 
 def _load_sd_pipeline(args: GuidedSampleArguments, device: str):

@@ -283,29 +283,3 @@ def test_two_processes_split_prompts_and_match_one_process(assets, reference, tm
                 else:
                     assert value == row_ref[key], (rows_name, key)
     shutil.rmtree(out)
-
-
-def test_best_of_n_report_for_the_demo(assets, tmp_path):
-    from rahf.improve.demo import best_of_n_report
-
-    out = tmp_path / "report"
-    report = best_of_n_report(
-        assets["sd"],
-        assets["rahf"],
-        PROMPTS[:3],
-        ["a purple bird", "an orange box"],
-        out,
-        n=2,
-        threshold=None,
-        finetune_steps=2,
-        learning_rate=5e-2,
-        heldout_images_per_prompt=2,
-    )
-    assert report["best_of_n"]["num_kept"] == 3 and report["finetune"]["global_step"] == 2
-    before, after = report["heldout"]["before"], report["heldout"]["after"]
-    assert len(before["rewards"]) == len(after["rewards"]) == 2 and len(before["rewards"][0]) == 2
-    assert before["rewards"] != after["rewards"]  # the LoRA changed the held-out images (same seeds)
-    assert report["heldout"]["gain"]["reward"] == pytest.approx(after["reward"] - before["reward"])
-    assert {"plausibility", "alignment", "aesthetics", "overall"} <= before.keys()
-    grid = Image.open(report["grid"])
-    assert grid.width > 2 * 128 and (out / "best_of_n_report.json").is_file()

@@ -15,7 +15,17 @@ def test_quick_demo_writes_the_whole_report(installed_wheel, tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     report = tmp_path / "report.md"
     text = report.read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Repair", "guidance", "Best-of-N", "Time"):
+    for heading in (
+        "Table 1",
+        "Table 2",
+        "Table 3",
+        "Table 4",
+        "Does RAHF make a generator better",
+        "Best-of-N",
+        "Repair",
+        "Guidance",
+        "Time",
+    ):
         assert heading in text, heading
     for name in NAMES:
         metrics = json.loads((tmp_path / "eval" / name / "metrics.json").read_text())

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 from accelerate.state import AcceleratorState, GradientState
-
 from rahf.improve.efficacy import (
     BUCKETS,
     EfficacyArguments,
@@ -75,10 +74,10 @@ class _FlawedJudge:
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from train_utils import make_tiny_dataset
-
     from rahf.improve.judge import JudgeTrainingArguments, train_judge
     from rahf.improve.train_generator import main as train_generator_main
+    from train_utils import make_tiny_dataset
+
     from rahf.init_model import init_model
 
     root = tmp_path_factory.mktemp("efficacy")
@@ -92,7 +91,7 @@ def tiny_world(tmp_path_factory):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     train_judge(JudgeTrainingArguments(output_dir=str(root / "judge"), num_train=32, num_test=8, max_train_steps=2,
-                                       train_batch_size=8, channels=[16, 16, 32, 32]))  # fmt: skip
+                                       train_batch_size=8, channels=[16, 16, 32, 32], shape_steps=2))  # fmt: skip
     init_model("configs/model/tiny.json", str(root / "rahf"))
     return root
 

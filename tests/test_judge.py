@@ -8,9 +8,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
-from rahf.data.synth import SynthConfig, render_example
-from rahf.data.synth_scenes import ObjectGroup, SceneRequest, parse_scene_prompt, scene_labels
 from rahf.improve.judge import (
     JudgeTrainingArguments,
     SceneObject,
@@ -21,6 +18,9 @@ from rahf.improve.judge import (
     objects_from_labels,
     train_judge,
 )
+
+from rahf.data.synth import SynthConfig, render_example
+from rahf.data.synth_scenes import ObjectGroup, SceneRequest, parse_scene_prompt, scene_labels
 
 
 def _obj(colour, shape, x, y):
@@ -79,7 +79,7 @@ def test_augmentation_keeps_shapes_and_range_and_changes_pixels():
 
 @pytest.mark.slow
 def test_a_short_training_run_writes_a_loadable_judge_and_its_report(tmp_path):
-    args = JudgeTrainingArguments(output_dir=str(tmp_path), num_train=64, num_test=16, max_train_steps=4,
+    args = JudgeTrainingArguments(output_dir=str(tmp_path), num_train=64, num_test=16, max_train_steps=4, shape_steps=3,
                                   train_batch_size=8, seed=5)  # fmt: skip
     report = train_judge(args)
     assert {"artifact_pixel_iou", "object_set_accuracy", "requirement_agreement", "plausibility_plcc_vs_truth"} <= set(

@@ -370,22 +370,3 @@ def test_guided_sample_job_writes_grid_and_summary(tmp_path):
     assert summary["per_scale"][1]["mean_target"] > summary["per_scale"][0]["mean_target"]
     assert len(summary["images"]) == 12 and all((out / r["path"]).is_file() for r in summary["images"])
     assert (out / "grid.png").is_file()
-
-
-def test_guidance_report_for_the_demo(tmp_path):
-    from rahf.improve.guided_sample import guidance_report
-
-    tiny_rahf_model().save_pretrained(tmp_path / "rahf")
-    tiny_rahf_processor().save_pretrained(tmp_path / "rahf")
-    report = guidance_report(
-        tmp_path / "rahf",
-        tiny_sd_pipeline(0),
-        [PROMPT],
-        seeds=[0, 1],
-        scales=[0.5],
-        out_dir=tmp_path / "report",
-        num_inference_steps=3,
-    )
-    means = [row["mean_target"] for row in report["per_scale"]]
-    assert len(means) == 2 and means[1] > means[0]
-    assert (tmp_path / "report" / "grid.png").is_file() and (tmp_path / "report" / "summary.json").is_file()

@@ -14,7 +14,6 @@ from diffusers import AmusedInpaintPipeline, DiffusionPipeline, StableDiffusionI
 from PIL import Image
 from rahf.improve.inpaint import main as inpaint_main
 from rahf.improve.inpaint import parse_rescore_with
-from rahf.improve.repair_report import mask_iou, repair_report
 from rahf.pipelines.masks import MaskConfig, disk_kernel, heatmap_to_mask
 from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline, pixel_mask_to_token_mask
 from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline, RAHFInpaintPipelineOutput
@@ -551,48 +550,3 @@ def test_cli_flags_are_checked(saved, tmp_path) -> None:
         inpaint_main(base)
     with pytest.raises(ValueError, match="--threshold"):
         inpaint_main([*base, "--model", str(saved["rahf"]), "--threshold", "0.3", "--threshold_quantile", "0.9"])
-
-
-def test_repair_report(saved, tmp_path) -> None:
-    images, prompts, true_masks = [], [], []
-    for i in range(2):
-        image = np.full((32, 32, 3), 200, dtype=np.uint8)
-        true = np.zeros((32, 32), dtype=bool)
-        true[4 + 8 * i : 12 + 8 * i, 6:14] = True
-        image[true] = (255, 0, 0)  # a planted artifact
-        images.append(Image.fromarray(image))
-        prompts.append(f"a grey wall number {i}")
-        true_masks.append(true)
-    config = {"threshold_quantile": 0.75, "dilation": 0.05, "min_area": 0.0}
-    report = repair_report(
-        str(saved["rahf"]),
-        tiny_sd_inpaint_pipeline(),
-        images,
-        prompts,
-        true_masks,
-        tmp_path,
-        mask_config=config,
-        num_candidates=2,
-        num_inference_steps=STEPS,
-        seed=3,
-    )
-    assert (tmp_path / "repair_report.json").is_file() and (tmp_path / "repair_grid.png").is_file()
-    assert report["num_images"] == 2 and 0.0 <= report["share_repaired"] <= 1.0
-    for key in ("mean_plausibility_before", "mean_plausibility_after", "mean_iou_mask", "mean_iou_raw_threshold"):
-        assert 0.0 <= report[key] <= 1.0, key
-    # the IoUs are those of the masks the pipeline would build from RAHF's heatmaps
-    model, processor = tiny_rahf_model(seed=1), tiny_rahf_processor()
-    feedback = RichFeedbackPredictor(model, processor)(images, prompts, outputs=["implausibility"])
-    for row, fb, true in zip(report["images"], feedback, true_masks):
-        heat = fb.heatmaps["implausibility"]
-        assert row["iou_mask"] == pytest.approx(mask_iou(heatmap_to_mask(heat, MaskConfig(**config)), true), abs=1e-6)
-        raw = heatmap_to_mask(heat, MaskConfig(threshold_quantile=0.75))
-        assert row["iou_raw_threshold"] == pytest.approx(mask_iou(raw, true), abs=1e-6)
-        if not row["repaired"]:
-            assert row["plausibility_after"] == pytest.approx(row["plausibility_before"], abs=1e-6)
-    assert report["share_plausibility_raised"] <= report["share_repaired"] + 1e-9
-    assert mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
-    with pytest.raises(ValueError, match=r"`true_masks\[0\]`"):
-        repair_report(
-            str(saved["rahf"]), tiny_sd_inpaint_pipeline(), images[:1], prompts[:1], [np.zeros((8, 8), bool)], tmp_path
-        )

@@ -9,10 +9,9 @@ import shutil
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from rahf.improve.train_generator import main, parse_generator_args, synth_tokenizer, train_generator
 from safetensors.torch import load_file
 from train_utils import make_tiny_dataset
-
-from rahf.improve.train_generator import main, parse_generator_args, synth_tokenizer, train_generator
 
 pytestmark = pytest.mark.slow
 
