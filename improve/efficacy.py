@@ -17,6 +17,7 @@ controls), apart from the selection prompts and from every prompt the generator 
 ```bash
 rahf efficacy --out efficacy --seed 0                  # all three, the defaults (about 20 minutes on 2 CPU cores)
 rahf efficacy --out efficacy-s1 --seed 1 --num_prompts 50
+rahf efficacy --out efficacy-all --summarize efficacy efficacy-s1   # the seeds side by side: mean and spread
 ```
 
 Writes `OUT/efficacy.json`, `OUT/report.md` and its pictures.
@@ -43,7 +44,18 @@ from .judge import JUDGED_SCORES, SynthJudge
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUCKETS", "EfficacyArguments", "bucket_of", "draw_prompts", "main", "run_efficacy", "weights_path"]
+__all__ = [
+    "BUCKETS",
+    "TARGETS",
+    "EfficacyArguments",
+    "bucket_of",
+    "check_targets",
+    "draw_prompts",
+    "main",
+    "run_efficacy",
+    "summarize_runs",
+    "weights_path",
+]
 
 # Table 5's side-by-side buckets, on the per-prompt difference d of the judged overall score (fine-tuned - original,
 # mean over the prompt's seeds): a whole requirement of one image (1/5 of alignment) or one artifact moves d by about
@@ -53,6 +65,13 @@ BUCKET_EDGES = {"much": 0.15, "some": 0.025}
 # The prompts of the synthetic grammar that efficacy draws come from renders under this seed offset (held-out and
 # selection prompts alike), far from the seed 0 of the data everything trained on.
 PROMPT_SEED_OFFSET = 424_242
+# What each experiment must show to count as an improvement (shares of held-out prompts / flawed images; relative
+# changes of judged means): the issue's bar, a little above the paper's Table 5 (51.8 % better, 16.8 % worse).
+TARGETS = {
+    "best_of_n": {"better_at_least": 0.55, "worse_at_most": 0.15, "judged_mean_drop_at_most": 0.05},
+    "repair": {"raised_at_least": 0.60, "lowered_at_most": 0.10},
+    "guidance": {"target_rise_at_least": 0.10, "other_drop_at_most": 0.05},
+}
 
 
 def weights_path(name: str) -> Path:
@@ -122,6 +141,11 @@ class EfficacyArguments:
         default_factory=lambda: [0.5, 1.0, 2.0], metadata={"help": "guidance scales (0 is always added)"}
     )
     device: str = field(default="cpu", metadata={"help": "where everything runs"})
+    summarize: list[str] = field(
+        default_factory=list,
+        metadata={"help": "instead of running: folders of earlier runs (one per seed) -> OUT/summary.json, their "
+                          "figures side by side with mean and spread"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
@@ -553,9 +577,95 @@ def run_efficacy(args: EfficacyArguments, judge: SynthJudge | None = None) -> di
         seconds[name] = time.perf_counter() - t0
         logger.info("efficacy: %s done in %.0f s", name, seconds[name])
     result["seconds"] = {**seconds, "total": time.perf_counter() - start}
+    result["targets"] = check_targets(result)
     (out / "efficacy.json").write_text(json.dumps(result, indent=2) + "\n")
     write_report(result, out)
     return result
+
+
+def check_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Each experiment's figures against `TARGETS`: the measured values and whether each bar is met (and whether
+    RAHF beats its control), so that a missed target reads as plainly as a met one."""
+    checks: dict[str, Any] = {}
+    bon = result.get("best_of_n")
+    if bon:
+        t = TARGETS["best_of_n"]
+        better = bon["buckets"]["much_better"] + bon["buckets"]["better"]
+        worse = bon["buckets"]["much_worse"] + bon["buckets"]["worse"]
+        control_better = bon["control"]["buckets"]["much_better"] + bon["control"]["buckets"]["better"]
+        means = bon["judged_means"]
+        drops = {k: _relative(means["finetuned"][k], means["original"][k]) for k in means["original"]}
+        worst = min((d for d in drops.values() if d is not None), default=0.0)
+        checks["best_of_n"] = {
+            "better": better, "worse": worse, "control_better": control_better, "worst_judged_mean_change": worst,
+            "met": {"better": better >= t["better_at_least"], "worse": worse <= t["worse_at_most"],
+                    "no_judged_mean_drop": worst >= -t["judged_mean_drop_at_most"],
+                    "above_control": better > control_better},
+        }  # fmt: skip
+    rep = result.get("repair")
+    if rep and rep.get("num_images"):
+        t = TARGETS["repair"]
+        checks["repair"] = {
+            "raised": rep["better"], "lowered": rep["worse"], "control_raised": rep["control"]["better"],
+            "met": {"raised": rep["better"] >= t["raised_at_least"], "lowered": rep["worse"] <= t["lowered_at_most"],
+                    "above_control": rep["better"] > rep["control"]["better"]},
+        }  # fmt: skip
+    gui = result.get("guidance")
+    if gui:
+        t = TARGETS["guidance"]
+        per_target = {}
+        for target in result["args"]["guidance_targets"]:
+            judged_name = target if target in JUDGED_SCORES else None
+            best = None
+            for row in gui[target][1:]:
+                changes = row["judged_change"]
+                rise = changes.get(judged_name) if judged_name else None
+                others = [v for k, v in changes.items() if k != judged_name and k != "overall" and v is not None]
+                worst_other = min(others, default=0.0)
+                row_check = {"scale": row["scale"], "judged_target_change": rise, "worst_other_change": worst_other,
+                             "reward_change": row["reward_change"]}  # fmt: skip
+                if best is None or (rise or 0.0) > (best["judged_target_change"] or 0.0):
+                    best = row_check
+            met = (best is not None and best["judged_target_change"] is not None
+                   and best["judged_target_change"] >= t["target_rise_at_least"]
+                   and best["worst_other_change"] >= -t["other_drop_at_most"])  # fmt: skip
+            # a target the judge has no score for (aesthetics) cannot be checked, only watched for side effects
+            per_target[target] = {"best_scale": best, "checkable": judged_name is not None,
+                                  "met": met if judged_name else None}  # fmt: skip
+        checks["guidance"] = per_target
+    return checks
+
+
+def summarize_runs(folders: list[str | Path]) -> dict[str, Any]:
+    """The figures of several `rahf efficacy` runs (one per seed) side by side: per figure, each seed's value, the mean
+    and the spread (max - min), and whether every seed met each target."""
+    runs = [json.loads((Path(f) / "efficacy.json").read_text()) for f in folders]
+    figures: dict[str, list[float]] = {}
+    met: dict[str, list[bool]] = {}
+    for run in runs:
+        checks = run.get("targets") or check_targets(run)
+        for experiment, check in checks.items():
+            items = check.items() if experiment != "guidance" else []
+            for key, value in items:
+                if key == "met":
+                    for name, ok in value.items():
+                        met.setdefault(f"{experiment}.{name}", []).append(bool(ok))
+                elif isinstance(value, (int, float)):
+                    figures.setdefault(f"{experiment}.{key}", []).append(float(value))
+            if experiment == "guidance":
+                for target, g in check.items():
+                    if g["best_scale"] is not None and g["best_scale"]["judged_target_change"] is not None:
+                        figures.setdefault(f"guidance.{target}.judged_target_change", []).append(
+                            g["best_scale"]["judged_target_change"]
+                        )
+                    if g["met"] is not None:
+                        met.setdefault(f"guidance.{target}", []).append(bool(g["met"]))
+    return {
+        "seeds": [run["seed"] for run in runs],
+        "figures": {k: {"values": v, "mean": float(np.mean(v)), "spread": float(np.max(v) - np.min(v))}
+                    for k, v in figures.items()},
+        "met_by_every_seed": {k: all(v) for k, v in met.items()},
+    }  # fmt: skip
 
 
 def _pct(x: float | None) -> str:
@@ -619,6 +729,17 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
                              f"{j['alignment']:.3f} | {j['overall']:.3f} |")  # fmt: skip
             lines.append("")
         lines += [f"![guidance]({gui['pictures']['guidance']})", ""]
+    targets = result.get("targets") or {}
+    if targets:
+        lines += ["## Against the targets", "", "| check | met |", "|---|---|"]
+        for experiment, check in targets.items():
+            if experiment == "guidance":
+                for target, g in check.items():
+                    lines.append(f"| guidance {target}: judged target up >= 10 %, others down <= 5 % | "
+                                 f"{'n/a (the judge has no such score)' if g['met'] is None else g['met']} |")  # fmt: skip
+            else:
+                lines += [f"| {experiment} {name} | {ok} |" for name, ok in check["met"].items()]
+        lines.append("")
     seconds = result.get("seconds", {})
     lines += ["## Time", "", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), ""]
     path = out / "report.md"
@@ -660,7 +781,18 @@ def parse_efficacy_args(argv: list[str] | None = None) -> EfficacyArguments:
 def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_efficacy(parse_efficacy_args(argv))
+    args = parse_efficacy_args(argv)
+    if args.summarize:
+        summary = summarize_runs(args.summarize)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for name, f in summary["figures"].items():
+            values = ", ".join(f"{v:.3f}" for v in f["values"])
+            print(f"{name}: {values} (mean {f['mean']:.3f}, spread {f['spread']:.3f})")
+        for name, ok in summary["met_by_every_seed"].items():
+            print(f"met by every seed: {name}: {ok}")
+        return 0
+    run_efficacy(args)
     return 0
 
 

@@ -124,3 +124,55 @@ def test_a_whole_run_on_tiny_models_writes_every_result(tiny_world, tmp_path):
     for picture in ("table5.png", "best_of_n/before_after.png", "repair/repair.png", "guidance/guidance.png"):
         assert (tmp_path / picture).is_file(), picture
     assert "Table 5" in (tmp_path / "report.md").read_text()
+
+
+def _fake_result(seed: int, better: float, worse: float, finetuned_alignment: float, repair_better: float) -> dict:
+    same = 1.0 - better - worse
+    buckets = {"much_better": better / 2, "better": better / 2, "same": same, "worse": worse, "much_worse": 0.0}
+    control = {"much_better": 0.0, "better": 0.2, "same": 0.6, "worse": 0.2, "much_worse": 0.0}
+    original = {"plausibility": 0.5, "alignment": 0.6, "overall": 0.55}
+    guided = {"plausibility": 0.6, "alignment": 0.59, "overall": 0.6}
+    return {
+        "seed": seed,
+        "args": {"guidance_targets": ["plausibility", "aesthetics"]},
+        "best_of_n": {"buckets": buckets, "control": {"buckets": control},
+                      "judged_means": {"original": original, "control": original,
+                                       "finetuned": {**original, "alignment": finetuned_alignment}}},
+        "repair": {"num_images": 10, "better": repair_better, "same": 0.9 - repair_better, "worse": 0.1 + (repair_better < 0.6),
+                   "control": {"better": 0.3, "same": 0.4, "worse": 0.3}},
+        "guidance": {
+            t: [{"scale": 0.0, "judged_change": {k: 0.0 for k in original}, "reward_change": 0.0},
+                {"scale": 1.0, "judged_change": {k: (guided[k] - original[k]) / original[k] for k in original},
+                 "reward_change": 0.5}]
+            for t in ("plausibility", "aesthetics")
+        },
+    }  # fmt: skip
+
+
+def test_targets_read_the_figures_and_a_miss_is_a_miss():
+    from rahf.improve.efficacy import check_targets
+
+    good = check_targets(_fake_result(0, better=0.6, worse=0.1, finetuned_alignment=0.6, repair_better=0.7))
+    assert all(good["best_of_n"]["met"].values()) and all(good["repair"]["met"].values())
+    assert good["guidance"]["plausibility"]["met"] is True  # +20 % plausibility, alignment -1.7 %
+    assert good["guidance"]["aesthetics"]["met"] is None  # the judge has no aesthetics score
+    bad = check_targets(_fake_result(0, better=0.5, worse=0.2, finetuned_alignment=0.5, repair_better=0.55))
+    assert bad["best_of_n"]["met"] == {"better": False, "worse": False, "no_judged_mean_drop": False,
+                                       "above_control": True}  # fmt: skip
+    assert bad["repair"]["met"]["raised"] is False and bad["repair"]["met"]["lowered"] is False
+
+
+def test_summary_gives_every_seed_mean_and_spread(tmp_path):
+    from rahf.improve.efficacy import main
+
+    for seed, better in ((0, 0.6), (1, 0.5)):
+        (tmp_path / f"s{seed}").mkdir()
+        result = _fake_result(seed, better=better, worse=0.1, finetuned_alignment=0.6, repair_better=0.7)
+        (tmp_path / f"s{seed}" / "efficacy.json").write_text(json.dumps(result))
+    assert main(["--out", str(tmp_path / "all"), "--summarize", str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    better = summary["figures"]["best_of_n.better"]
+    assert better["values"] == pytest.approx([0.6, 0.5]) and better["spread"] == pytest.approx(0.1)
+    assert summary["met_by_every_seed"]["best_of_n.better"] is False
+    assert summary["met_by_every_seed"]["repair.raised"] is True
