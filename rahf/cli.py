@@ -37,6 +37,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# serve
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run_from_args
+
+    return run_from_args(args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # demo
 
 
@@ -119,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "RAHF_MAX_IMAGE_PIXELS)",
     )
     p.set_defaults(func=_cmd_predict)
+
+    from .serve import register as register_serve
+
+    p = sub.add_parser("serve", help="an HTTP scoring server with dynamic batching (GET /health, POST /score)")
+    register_serve(p)
+    p.set_defaults(func=_cmd_serve)
 
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
