@@ -62,7 +62,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # Subcommands whose module parses its own flags (each also runs as `python -m MODULE` / `accelerate launch -m MODULE`).
 DELEGATED = {
-    "data": ("rahf.data.cli", "data sets: synth, convert-richhf, consolidate, stats"),
+    "data": (
+        "rahf.data.cli",
+        "data sets: synth, convert-richhf, consolidate, stats, label-studio-config, from-label-studio",
+    ),
     "train": ("rahf.train", "train RAHF or a baseline from a YAML config (accelerate launch -m rahf.train)"),
     "evaluate": ("rahf.evaluation", "the paper's Tables 1-4 on a split -> metrics.json, report.md, figures"),
     "inpaint": ("rahf.improve.inpaint", "heatmap -> mask -> K inpainted candidates -> rescored -> best"),

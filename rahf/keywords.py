@@ -22,6 +22,18 @@ def split_prompt_words(prompt: str) -> list[str]:
     return [w for w in _SPLIT_RE.split(prompt) if w]
 
 
+def prompt_word_spans(prompt: str) -> list[tuple[int, int]]:
+    """The `[start, end)` character spans of `split_prompt_words(prompt)`, in the same order.
+
+    Examples:
+        >>> prompt_word_spans("a red, cat")
+        [(0, 1), (2, 5), (7, 10)]
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")
+    return [m.span() for m in _WORD_RE.finditer(prompt)]
+
+
 def replace_prompt_word(prompt: str, index: int, word: str) -> str:
     """`prompt` with its `index`-th word (as `split_prompt_words` counts them) replaced by `word`, everything else
     (separators, spacing) kept.
