@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# The official matcher splits on these characters and on spaces (docs/reference.md, section 3); we treat any whitespace as a space.
-_SPLIT_RE = re.compile(r"[,.?!\":;\s]+")
-_WORD_RE = re.compile(r"[^,.?!\":;\s]+")
+# The official matcher splits on these characters and on the plain space U+0020 only (docs/reference.md, section 3):
+# a newline, a tab or a non-breaking space stays inside a word, or the word count (and so the labels) would not match.
+SEPARATORS = ',.?!":; '
+_SPLIT_RE = re.compile(r'[,.?!":; ]+')
+_WORD_RE = re.compile(r'[^,.?!":; ]+')
 
 MARKER = "0"
 # A prompt word equal to the marker is written escaped in the target so that decoding is unambiguous:
@@ -16,10 +18,22 @@ ESCAPED_MARKER = "[0]"
 
 
 def split_prompt_words(prompt: str) -> list[str]:
-    """Splits `prompt` on `,.?!":;` and whitespace, dropping empty pieces, as the RichHF-18K release does."""
+    """Splits `prompt` on `,.?!":;` and the plain space, dropping empty pieces, as the RichHF-18K release does.
+
+    Other whitespace (newline, tab, non-breaking or full-width space) is part of a word, as in the release.
+
+    Examples:
+        >>> split_prompt_words("a red\\ncat, on a\\u00a0mat")
+        ['a', 'red\\ncat', 'on', 'a\\xa0mat']
+    """
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")
     return [w for w in _SPLIT_RE.split(prompt) if w]
+
+
+def is_blank_prompt(prompt: str) -> bool:
+    """True when `prompt` has no word with a visible character (e.g. `" , \\t "`, whose only word is a tab)."""
+    return not any(w.strip() for w in split_prompt_words(prompt))
 
 
 def prompt_word_spans(prompt: str) -> list[tuple[int, int]]:

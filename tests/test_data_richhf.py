@@ -325,3 +325,83 @@ def test_hostile_records_and_files_are_skipped_records_never_a_crash(tmp_path: P
     assert skipped[("test", 3)] == "unsafe image: 'u5.png' resolves outside the --pickapic folder"
     ds = load_rich_feedback(tmp_path / "out")
     assert ds["train"]["uid"] == ["u0", "u1"] and len(ds["test"]) == 0
+
+
+ODD_PROMPTS = {
+    "w0": "a red\ncat, on a mat",  # newline: 5 words in the release, 6 if split on any whitespace
+    "w1": "two dogs\tplaying fetch",  # tab
+    "w2": "a\u00a0tiny robot",  # non-breaking space
+    "w3": "sunset\u3000over the sea",  # full-width space
+}
+ODD_WORDS = {
+    "w0": ["a", "red\ncat", "on", "a", "mat"],
+    "w1": ["two", "dogs\tplaying", "fetch"],
+    "w2": ["a\u00a0tiny", "robot"],
+    "w3": ["sunset\u3000over", "the", "sea"],
+}
+
+
+def test_records_with_unusual_whitespace_are_converted_not_skipped(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(globals(), "PROMPTS", {**PROMPTS, **ODD_PROMPTS})
+    monkeypatch.setitem(globals(), "WORDS", {**WORDS, **ODD_WORDS})
+    records = {uid: _record(uid, (0.5, 0.5, 0.5, 0.5), seed=i) for i, uid in enumerate(ODD_PROMPTS)}
+    write_tfrecords(tmp_path / "train.tfrecord", [records["w0"], records["w1"]])
+    write_tfrecords(tmp_path / "test.tfrecord", [records["w2"], records["w3"]])
+    _write_pickapic_parquet(tmp_path / "pickapic", list(ODD_PROMPTS))
+    report = convert_richhf(tmp_path, tmp_path / "pickapic", tmp_path / "out")  # the folder, not the files
+    assert (report["read"], report["converted"], report["skipped"]) == (4, 4, [])
+    ds = load_rich_feedback(tmp_path / "out")
+    _check_converted(ds, records, "train", ["w0", "w1"], "unit")
+    _check_converted(ds, records, "test", ["w2", "w3"], "unit")
+
+
+def test_report_counts_skips_per_reason_and_split(release: dict) -> None:
+    root, tf = release["dir"], release["tf"]
+    _write_pickapic_parquet(root / "pickapic", list(PROMPTS))
+    report = convert_richhf([tf], root / "pickapic", root / "out")  # a folder: train, dev, test by file name
+    assert report["read_by_split"] == {"train": 6, "validation": 1, "test": 2}
+    assert report["splits"] == {"train": 2, "validation": 1, "test": 2}
+    assert report["skip_reasons_by_split"] == {
+        "train": {"bad data CRC": 1, "missing image": 1, "word/label count mismatch": 1, "unsafe file name": 1},
+        "validation": {},
+        "test": {},
+    }
+    assert sum(report["skip_reasons"].values()) == len(report["skipped"]) == 4
+
+
+def test_tfrecords_folder_order_and_errors(tmp_path: Path) -> None:
+    from rahf.data.richhf import expand_tfrecord_paths
+
+    folder = tmp_path / "richhf-18k"
+    folder.mkdir()
+    for name in ("test.tfrecord", "dev.tfrecord", "train.tfrecord"):
+        write_tfrecords(folder / name, [_record("u0", LIKERT["u0"], seed=0)])
+    (folder / "README.md").write_text("not a record file")
+    assert [p.name for p in expand_tfrecord_paths([folder])] == ["train.tfrecord", "dev.tfrecord", "test.tfrecord"]
+    assert len(expand_tfrecord_paths([folder, folder / "dev.tfrecord"])) == 3  # the same file once
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no TFRecord files"):
+        expand_tfrecord_paths([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="does not exist"):
+        expand_tfrecord_paths([tmp_path / "nowhere"])
+    (folder / "misc.tfrecord").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot tell the split.*misc.tfrecord"):
+        expand_tfrecord_paths([folder])
+
+
+def test_git_lfs_pointer_file_gets_an_error_that_says_how_to_fetch_it(tmp_path: Path) -> None:
+    pointer = (
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+        "size 9412345\n"
+    )
+    folder = tmp_path / "richhf-18k"
+    folder.mkdir()
+    (folder / "dev.tfrecord").write_text(pointer)
+    write_tfrecords(folder / "train.tfrecord", [_record("u0", LIKERT["u0"], seed=0)])
+    _write_images_folder(tmp_path / "images", ["u0"])
+    with pytest.raises(ValueError, match=r"dev.tfrecord' is a Git LFS pointer file .*9,412,345 bytes.*git lfs pull"):
+        convert_richhf([folder], tmp_path / "images", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    argv = ["convert-richhf", "--tfrecords", str(folder), "--pickapic", str(tmp_path / "images"), "--out", "o"]
+    assert data_main(argv) == 2

@@ -69,3 +69,43 @@ def test_replace_prompt_word_keeps_everything_else():
         replace_prompt_word(prompt, 6, "dog")
     with pytest.raises(ValueError, match="one word"):
         replace_prompt_word(prompt, 0, "two dogs")
+
+
+def _official_split(prompt: str) -> list[str]:
+    """A transcription of the release's rule: each of ,.?!": ; becomes a space, then the prompt is cut at the plain
+    space U+0020 and empty pieces are dropped."""
+    for ch in ',.?!":;':
+        prompt = prompt.replace(ch, " ")
+    return [piece for piece in prompt.split(" ") if piece]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a red cat,\non a mat",  # newline
+        "two dogs\tplaying",  # tab
+        "a\u00a0tiny robot",  # non-breaking space
+        "sunset\u3000over the sea",  # full-width (ideographic) space
+        "a \n cat",  # a word that is only a newline
+        "line one\r\nline two.",
+        '  "quoted";  words:here?! \u2003em\u2009thin ',
+    ],
+)
+def test_split_is_the_official_rule_for_unusual_whitespace(prompt: str) -> None:
+    assert split_prompt_words(prompt) == _official_split(prompt)
+
+
+def test_split_keeps_non_space_whitespace_inside_words() -> None:
+    assert split_prompt_words("a red\ncat") == ["a", "red\ncat"]
+    assert split_prompt_words("two dogs\tplaying") == ["two", "dogs\tplaying"]
+    assert split_prompt_words("a\u00a0tiny robot") == ["a\u00a0tiny", "robot"]
+    assert split_prompt_words("sunset\u3000over") == ["sunset\u3000over"]
+
+
+def test_blank_prompt_and_replace_word_with_unusual_whitespace() -> None:
+    from rahf.keywords import is_blank_prompt, replace_prompt_word
+
+    assert is_blank_prompt(" , \t ") and is_blank_prompt("") and is_blank_prompt("\u3000")
+    assert not is_blank_prompt("a \n")
+    assert replace_prompt_word("a red\ncat, here", 1, "blue") == "a blue, here"
+    assert replace_prompt_word("a\ttab", 0, "x\ty") == "x\ty"

@@ -70,7 +70,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..image_io import MAX_IMAGE_PIXELS_ENV, max_image_pixels
-from ..keywords import split_prompt_words
+from ..keywords import is_blank_prompt, split_prompt_words
 from .jsonl import DEFAULT_MAX_LINE_CHARS, JSONLineError, iter_jsonl, read_jsonl
 from .schema import (
     FEATURES,
@@ -263,9 +263,9 @@ def _check_line(record: Any, sizes: _ImageSizes) -> tuple[_Annotation | None, di
         return None, ident, f"'prompt' must be a string, got {_short(prompt)}"
     if not _is_text(prompt):
         return None, ident, f"'prompt' {_short(prompt)} is not valid Unicode (a lone surrogate): it cannot be stored"
-    if not split_prompt_words(prompt):
+    if is_blank_prompt(prompt):
         # Caught here, with its line and uid, rather than as a failed training step naming a batch index.
-        reason = f"'prompt' {_short(prompt)} has no words (split_prompt_words splits on spaces and ,.?!\":;)"
+        reason = f"'prompt' {_short(prompt)} has no words (split_prompt_words splits on plain spaces and ,.?!\":;)"
         return None, ident, reason
     if split not in SPLITS:
         return None, ident, f"'split' must be one of {list(SPLITS)}, got {_short(split)}"

@@ -3,7 +3,8 @@
 `rahf data convert-richhf --tfrecords train.tfrecord dev.tfrecord test.tfrecord --pickapic SRC --out DIR`
 
 - The TFRecords are read without TensorFlow (`rahf.data.tfrecord`), checking the framing CRCs. The split comes from
-  the file name: a name containing the word `train`, `dev` (or `validation`, `val`) or `test`.
+  the file name: a name containing the word `train`, `dev` (or `validation`, `val`) or `test`. A folder stands for
+  the TFRecord files in it; a Git LFS pointer file in place of a TFRecord is refused with the fix.
 - Scores: `artifact_score` -> `plausibility`, `misalignment_score` -> `alignment`, `aesthetics_score` ->
   `aesthetics`, `overall_score` -> `overall`. Their scale is detected from all the values of the run: all in [0, 1]
   -> kept; all in [1, 5] -> (s - 1) / 4; anything else is an error unless `score_scale` forces one.
@@ -53,7 +54,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..keywords import split_prompt_words
+from ..keywords import is_blank_prompt, split_prompt_words
 from .jsonl import JSONLineError, read_jsonl
 from .schema import (
     FEATURES,
@@ -81,6 +82,8 @@ __all__ = [
     "SCORE_FEATURES",
     "SPLIT_ALIASES",
     "convert_richhf",
+    "expand_tfrecord_paths",
+    "lfs_pointer_info",
     "register",
     "split_from_filename",
     "uid_from_filename",
@@ -450,7 +453,7 @@ def _build_example(record: _Record, data: bytes, prompt: str, image: bytes, scal
             problems.append(f"score out of range: {name} = {value:g} is outside the {scale} scale")
         scores[name] = mapped
     words = split_prompt_words(prompt)
-    if not words:
+    if is_blank_prompt(prompt):
         problems.append(f"empty prompt: the Pick-a-Pic prompt {prompt[:80]!r} has no words")
     try:
         prompt.encode("utf-8")
@@ -497,6 +500,81 @@ def _build_example(record: _Record, data: bytes, prompt: str, image: bytes, scal
     }
 
 
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+_SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+
+
+def lfs_pointer_info(path: str | Path) -> dict[str, str] | None:
+    """The `oid` and `size` lines of a Git LFS pointer file, or None when `path` is not one.
+
+    A clone of the release made without `git lfs` holds these ~130-byte text files in place of the TFRecords.
+    """
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head.startswith(LFS_POINTER_PREFIX):
+        return None
+    info = {}
+    for line in head.decode("utf-8", errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("oid", "size"):
+            info[key] = value.strip()
+    return info
+
+
+def _check_not_lfs_pointer(path: Path) -> None:
+    info = lfs_pointer_info(path)
+    if info is None:
+        return
+    size = info.get("size", "?")
+    size_text = f"{int(size):,} bytes" if size.isdigit() else size
+    raise ValueError(
+        f"`tfrecords` file {str(path)!r} is a Git LFS pointer file ({path.stat().st_size} bytes, standing for "
+        f"{size_text}, {info.get('oid', 'no oid')}), not the TFRecord itself: the repository was cloned without git-lfs. "
+        "Install git-lfs, then run `git lfs install && git lfs pull` inside the clone (or download the file itself "
+        "from the repository's web page) and pass the real file"
+    )
+
+
+def _is_record_name(name: str) -> bool:
+    name = name.lower().removesuffix(".gz")
+    return name.endswith(_RECORD_SUFFIXES[1:])
+
+
+def expand_tfrecord_paths(tfrecords: Sequence[str | Path]) -> list[Path]:
+    """The TFRecord files named by `tfrecords`: files as given; a folder stands for the files in it (not below) whose
+    name has a TFRecord suffix (`.tfrecord`, `.tfrecords`, `.tfr`, `.record(s)`, optionally `.gz`), in the order
+    train, dev, test. Raises `ValueError` naming the fix for a missing path, an empty folder, a name that tells no
+    split or a Git LFS pointer file."""
+    if isinstance(tfrecords, (str, Path)):
+        tfrecords = [tfrecords]
+    paths: list[Path] = []
+    for given in map(Path, tfrecords):
+        if given.is_dir():
+            found = [p for p in sorted(given.iterdir()) if p.is_file() and _is_record_name(p.name)]
+            if not found:
+                raise ValueError(
+                    f"`tfrecords` folder {str(given)!r} holds no TFRecord files (*.tfrecord, *.tfrecords, *.tfr, "
+                    "*.record, optionally .gz); pass the folder of the release's train/dev/test files, or the files"
+                )
+            paths.extend(sorted(found, key=lambda p: (_SPLIT_ORDER[split_from_filename(p)], p.name)))
+        elif given.is_file():
+            paths.append(given)
+        else:
+            raise ValueError(f"`tfrecords` path {str(given)!r} does not exist; pass TFRecord files or their folder")
+    if not paths:
+        raise ValueError("`tfrecords` is empty; pass the RichHF-18K TFRecord files (train, dev, test) or their folder")
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    for path in unique:
+        split_from_filename(path)  # fail on a bad name before reading anything
+        _check_not_lfs_pointer(path)
+    return unique
+
+
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
@@ -514,7 +592,8 @@ def convert_richhf(
     """Converts official RichHF-18K TFRecords + Pick-a-Pic into the canonical `DatasetDict` saved at `out_dir`.
 
     Args:
-        tfrecords (`Sequence[str | Path]`): the TFRecord files; each name tells its split (train / dev / test).
+        tfrecords (`Sequence[str | Path]`): the TFRecord files, or folders of them; each file name tells its split
+            (train / dev / test).
         pickapic (`str | Path`): a folder of Pick-a-Pic parquet shards, or of `{uid}.{ext}` images + `prompts.jsonl`.
         out_dir (`str | Path`): where the `DatasetDict` and `conversion_report.json` go (absent or empty).
         score_scale (`str`, *optional*, defaults to `"auto"`): `"auto"` detects [0, 1] or 1-5 from the values;
@@ -526,15 +605,7 @@ def convert_richhf(
     Returns:
         The report written to `out_dir/conversion_report.json`.
     """
-    if isinstance(tfrecords, (str, Path)):
-        tfrecords = [tfrecords]
-    paths = [Path(p) for p in tfrecords]
-    if not paths:
-        raise ValueError("`tfrecords` is empty; pass the RichHF-18K TFRecord files (train, dev, test)")
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"`tfrecords` file {str(path)!r} does not exist")
-        split_from_filename(path)  # fail on a bad name before reading anything
+    paths = expand_tfrecord_paths(tfrecords)
     if score_scale not in SCORE_SCALES:
         raise ValueError(f"`score_scale` must be one of {SCORE_SCALES}, got {score_scale!r}")
     if isinstance(max_record_bytes, bool) or not isinstance(max_record_bytes, int) or max_record_bytes < 0:
@@ -600,13 +671,19 @@ def convert_richhf(
         if r.reason is not None
     ]
     per_split = Counter(r.split for r in records if r.reason is None)
-    reasons = Counter(r.reason.split(":")[0].split(";")[0] for r in records if r.reason is not None)
+    reasons = Counter(_reason_kind(r.reason) for r in records if r.reason is not None)
+    by_split: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    for r in records:
+        if r.reason is not None:
+            by_split[r.split][_reason_kind(r.reason)] += 1
     report = {
         "read": len(records),
         "converted": len(records) - len(skipped),
         "skipped": skipped,
         "splits": {split: per_split.get(split, 0) for split in SPLITS},
+        "read_by_split": {split: sum(1 for r in records if r.split == split) for split in SPLITS},
         "skip_reasons": dict(reasons),
+        "skip_reasons_by_split": {split: dict(by_split[split].most_common()) for split in SPLITS},
         "score_scale": {
             "scale": scale,
             "requested": score_scale,
@@ -628,6 +705,11 @@ def convert_richhf(
     return report
 
 
+def _reason_kind(reason: str) -> str:
+    """The kind of a skip reason, its text before the first `:` or `;` (`"missing image"`, `"bad data CRC"`)."""
+    return reason.split(":")[0].split(";")[0]
+
+
 def _run(args: argparse.Namespace) -> int:
     convert_richhf(args.tfrecords, args.pickapic, args.out, score_scale=args.score_scale, overwrite=args.overwrite)
     return 0
@@ -640,7 +722,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="official RichHF-18K TFRecords + Pick-a-Pic images -> canonical data set",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--tfrecords", nargs="+", required=True, metavar="PATH", help="train/dev/test TFRecord files")
+    parser.add_argument(
+        "--tfrecords",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="train/dev/test TFRecord files, or the folder holding them (e.g. a clone of the release)",
+    )
     parser.add_argument(
         "--pickapic",
         required=True,

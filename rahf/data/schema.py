@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..constants import HEATMAP_NAMES, SCORE_NAMES
 from ..image_io import max_image_pixels, open_image
-from ..keywords import split_prompt_words
+from ..keywords import is_blank_prompt, split_prompt_words
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def validate_example(example: Mapping[str, Any], index: int, split: str) -> None
             raise ValueError(f"{where}: column {column!r} must be a string, got {example[column]!r}")
     if not uid:
         raise ValueError(f"{where}: column 'uid' must be a non-empty string")
-    if not split_prompt_words(example["prompt"]):
+    if is_blank_prompt(example["prompt"]):
         # A prompt with no word gives the keyword head nothing to label: training would fail later, far from here.
         raise ValueError(
             f"{where}: column 'prompt' must hold at least one word (as split_prompt_words splits it), got "
