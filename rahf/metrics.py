@@ -15,6 +15,11 @@ documented finite value instead of NaN:
 
 NaN or infinite inputs are a `ValueError`, never a silent NaN result.
 
+Two protocols (docs/reference.md, section 4). `protocol="paper"` (the default) is the MIT definitions above.
+`protocol="reimpl"` is the first author's re-implementation's, whose published figures users quote: `sim` without
+min-max normalisation, `kld` with eps 1e-8, `heatmap_metrics` scoring at 384 x 384 and `keyword_prf` averaging per
+sample. CC, NSS and AUC-Judd are the same under both.
+
 Examples:
     >>> import numpy as np
     >>> g = np.zeros((8, 8)); g[2:4, 2:4] = 1.0
@@ -32,6 +37,9 @@ from scipy.stats import rankdata
 
 __all__ = [
     "EPS",
+    "PROTOCOLS",
+    "REIMPL_EPS",
+    "REIMPL_SCORE_SIZE",
     "auc_judd",
     "cc",
     "heatmap_metrics",
@@ -39,14 +47,33 @@ __all__ = [
     "kld",
     "nss",
     "plcc",
+    "resize_bilinear",
     "sim",
     "srcc",
 ]
 
 # MATLAB's `eps` (machine epsilon of float64), as the MIT benchmark's KLD uses.
 EPS = 2.2204e-16
+# The re-implementation's epsilon (its SIM and KLD) and the side of the square its heatmaps are scored at.
+REIMPL_EPS = 1e-8
+REIMPL_SCORE_SIZE = 384
+PROTOCOLS = ("paper", "reimpl")
 # Amplitude of the uniform jitter added to P by AUC-Judd to break ties, as in the MIT benchmark code.
 _AUC_JITTER = 1e-7
+
+
+def _check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"`protocol` must be one of {PROTOCOLS} ('paper': the MIT saliency benchmark's definitions; 'reimpl': the "
+            f"first author's re-implementation's), got {protocol!r}"
+        )
+    return protocol
+
+
+def _reimpl_distribution(m: np.ndarray) -> np.ndarray:
+    # No uniform fallback here: the re-implementation divides by (sum + eps), so a map of zero mass stays all zero.
+    return m / (m.sum() + REIMPL_EPS)
 
 
 def _as_map(x: Any, name: str) -> np.ndarray:
@@ -119,27 +146,43 @@ def cc(pred: np.ndarray, gt: np.ndarray) -> float:
     return _pearson(p.ravel(), g.ravel())
 
 
-def kld(pred: np.ndarray, gt: np.ndarray) -> float:
+def kld(pred: np.ndarray, gt: np.ndarray, protocol: str = "paper") -> float:
     """Kullback-Leibler divergence of P from G: `sum(G * log(EPS + G / (P + EPS)))`, each map divided by its sum.
 
     Lower is better; `kld(g, g)` is ~0. Both maps must be non-negative. A map with zero total mass is read as uniform.
+    With `protocol="reimpl"`: eps = 1e-8, each map divided by (its sum + eps), no uniform reading of an empty map.
     """
+    _check_protocol(protocol)
     p, g = _pair(pred, gt)
     for name, m in (("pred", p), ("gt", g)):
         if m.min() < 0.0:
             raise ValueError(
                 f"`{name}` has negative values (min {m.min():.4g}); KLD compares distributions, pass a non-negative map"
             )
+    if protocol == "reimpl":
+        p, g = _reimpl_distribution(p), _reimpl_distribution(g)
+        return float((g * np.log(g / (p + REIMPL_EPS) + REIMPL_EPS)).sum())
     p, g = _to_distribution(p), _to_distribution(g)
     return float((g * np.log(EPS + g / (p + EPS))).sum())
 
 
-def sim(pred: np.ndarray, gt: np.ndarray) -> float:
+def sim(pred: np.ndarray, gt: np.ndarray, protocol: str = "paper") -> float:
     """Similarity (histogram intersection): both maps min-max normalised, then divided by their sums; `sum(min(P, G))`.
 
     In [0, 1], 1 for identical distributions. A constant map (all zeros after min-max) is read as uniform.
+    With `protocol="reimpl"`: no min-max normalisation, each map divided by (its sum + 1e-8); a floor in P (a constant
+    added everywhere) then lowers SIM, where min-max normalisation would remove it.
     """
+    _check_protocol(protocol)
     p, g = _pair(pred, gt)
+    if protocol == "reimpl":
+        for name, m in (("pred", p), ("gt", g)):
+            if m.min() < 0.0:
+                raise ValueError(
+                    f"`{name}` has negative values (min {m.min():.4g}); the re-implementation's SIM compares "
+                    "distributions, pass a non-negative map"
+                )
+        return float(np.minimum(_reimpl_distribution(p), _reimpl_distribution(g)).sum())
     p, g = _to_distribution(_min_max(p)), _to_distribution(_min_max(g))
     return float(np.minimum(p, g).sum())
 
@@ -225,8 +268,14 @@ def srcc(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> fl
     return _pearson(rankdata(a, method="average"), rankdata(b, method="average"))
 
 
-def keyword_prf(pred: Sequence[Iterable[int]], gt: Sequence[Iterable[int]]) -> tuple[float, float, float]:
+def keyword_prf(
+    pred: Sequence[Iterable[int]], gt: Sequence[Iterable[int]], protocol: str = "paper"
+) -> tuple[float, float, float]:
     """Precision, recall and F1 of the misaligned words, counted word by word over all samples (micro-averaged).
+
+    With `protocol="reimpl"`, the re-implementation's: precision, recall and F1 computed per sample, then each
+    averaged over the samples; a ratio with a zero denominator is 0, so a sample with no misaligned word scores 0 on
+    all three, whatever was predicted (and an empty set scores 0, not 1).
 
     Args:
         pred: per sample, the indices (into the prompt's words) predicted misaligned.
@@ -239,9 +288,11 @@ def keyword_prf(pred: Sequence[Iterable[int]], gt: Sequence[Iterable[int]]) -> t
         (predicting nothing while words are misaligned gives precision 0; predicting words when none is misaligned
         gives recall 0), and F1 is 0.0 when precision + recall is 0.
     """
+    _check_protocol(protocol)
     if len(pred) != len(gt):
         raise ValueError(f"`pred` and `gt` must have one entry per sample, got {len(pred)} and {len(gt)}")
     hits = n_pred = n_gt = 0
+    per_sample: list[tuple[float, float, float]] = []
     for i, (p, g) in enumerate(zip(pred, gt)):
         p_set, g_set = set(p), set(g)
         for name, s in (("pred", p_set), ("gt", g_set)):
@@ -253,6 +304,16 @@ def keyword_prf(pred: Sequence[Iterable[int]], gt: Sequence[Iterable[int]]) -> t
         hits += len(p_set & g_set)
         n_pred += len(p_set)
         n_gt += len(g_set)
+        if protocol == "reimpl":
+            sample_hits = len(p_set & g_set)
+            sp = sample_hits / len(p_set) if p_set else 0.0
+            sr = sample_hits / len(g_set) if g_set else 0.0
+            per_sample.append((sp, sr, 2 * sp * sr / (sp + sr) if sp + sr > 0 else 0.0))
+    if protocol == "reimpl":
+        if not per_sample:
+            return 0.0, 0.0, 0.0
+        means = np.mean(np.asarray(per_sample), axis=0)
+        return float(means[0]), float(means[1]), float(means[2])
     if n_pred == 0 and n_gt == 0:
         return 1.0, 1.0, 1.0
     precision = hits / n_pred if n_pred else 0.0
@@ -264,26 +325,47 @@ def keyword_prf(pred: Sequence[Iterable[int]], gt: Sequence[Iterable[int]]) -> t
 _HEATMAP_FNS = {"cc": cc, "kld": kld, "sim": sim, "nss": nss, "auc_judd": auc_judd}
 
 
-def heatmap_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[str, float | int | None]:
+def resize_bilinear(m: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`m` resampled to `height` x `width` by plain bilinear interpolation (OpenCV `INTER_LINEAR`, pixel centres
+    aligned, no antialiasing), in float64."""
+    import cv2
+
+    m = np.asarray(m, dtype=np.float64)
+    if m.shape == (height, width):
+        return m
+    return cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float64, copy=False)
+
+
+def heatmap_metrics(
+    preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], protocol: str = "paper"
+) -> dict[str, float | int | None]:
     """The paper's heatmap table row over a set: MSE on all samples and on empty-G samples; CC, KLD, SIM, NSS,
     AUC-Judd averaged over the samples whose G is not empty.
 
     Args:
         preds: predicted maps, each HxW.
-        gts: ground-truth maps, each the same shape as its prediction.
+        gts: ground-truth maps, each the same shape as its prediction (under `"paper"`; under `"reimpl"` any shape).
+        protocol: `"paper"` scores each pair at its own size with the MIT definitions; `"reimpl"` first resamples
+            both maps to 384 x 384 (bilinear, `resize_bilinear`), then uses the re-implementation's SIM and KLD;
+            everything, the GT = 0 / GT > 0 split included, is then read at 384 x 384.
 
     Returns:
         A dict with `mse_all`, `mse_gt0`, `cc`, `kld`, `sim`, `nss`, `auc_judd` (float, or None where the samples they
         average over are none) and the counts `n_all`, `n_gt0` (G empty) and `n_gt_pos` (G not empty). MSE is the mean
         over pixels of `(P - G) ** 2`, averaged over samples. AUC-Judd uses its default seeded jitter.
     """
+    _check_protocol(protocol)
     if len(preds) != len(gts):
         raise ValueError(f"`preds` and `gts` must have one map per sample, got {len(preds)} and {len(gts)}")
+    size = REIMPL_SCORE_SIZE
     mse_all: list[float] = []
     mse_gt0: list[float] = []
     per_metric: dict[str, list[float]] = {name: [] for name in _HEATMAP_FNS}
     for i, (pred, gt) in enumerate(zip(preds, gts)):
         try:
+            if protocol == "reimpl":
+                pred, gt = _as_map(pred, "pred"), _as_map(gt, "gt")
+                pred, gt = resize_bilinear(pred, size, size), resize_bilinear(gt, size, size)
             p, g = _pair(pred, gt)
             mse = float(np.mean((p - g) ** 2))
             mse_all.append(mse)
@@ -291,7 +373,7 @@ def heatmap_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> d
                 mse_gt0.append(mse)
                 continue
             for name, fn in _HEATMAP_FNS.items():
-                per_metric[name].append(fn(p, g))
+                per_metric[name].append(fn(p, g, protocol=protocol) if name in ("kld", "sim") else fn(p, g))
         except ValueError as err:
             raise ValueError(f"sample {i}: {err}") from err
 

@@ -299,3 +299,98 @@ def test_heatmap_metrics_errors_name_sample_and_shapes() -> None:
         heatmap_metrics([np.eye(4), np.eye(4)], [np.eye(4), np.eye(5)])
     with pytest.raises(ValueError, match="one map per sample"):
         heatmap_metrics([np.eye(4)], [])
+
+
+# --- the re-implementation's protocol, against a transcription of its definitions (docs/reference.md, section 4) -------
+
+
+def _reimpl_sim_loop(p: np.ndarray, g: np.ndarray) -> float:
+    """Each map divided by (its sum + 1e-8), no min-max rescaling; the sum of the pixel-wise minimum."""
+    ps, gs = float(p.sum()) + 1e-8, float(g.sum()) + 1e-8
+    return sum(min(pi / ps, gi / gs) for pi, gi in zip(p.ravel().tolist(), g.ravel().tolist()))
+
+
+def _reimpl_kld_loop(p: np.ndarray, g: np.ndarray) -> float:
+    """Maps divided by their sums (+ 1e-8); the sum over pixels of g * log(g / (p + 1e-8) + 1e-8)."""
+    ps, gs = float(p.sum()) + 1e-8, float(g.sum()) + 1e-8
+    total = 0.0
+    for pi, gi in zip(p.ravel().tolist(), g.ravel().tolist()):
+        pi, gi = pi / ps, gi / gs
+        total += gi * math.log(gi / (pi + 1e-8) + 1e-8)
+    return total
+
+
+def _reimpl_keywords_loop(pred, gt) -> tuple[float, float, float]:
+    """Per sample P, R, F1 (0 for a zero denominator: nothing to find scores 0), then the mean of each."""
+    ps, rs, fs = [], [], []
+    for p, g in zip(pred, gt):
+        p, g = set(p), set(g)
+        hits = len(p & g)
+        precision = hits / len(p) if len(p) > 0 else 0.0
+        recall = hits / len(g) if len(g) > 0 else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        ps.append(precision)
+        rs.append(recall)
+        fs.append(f1)
+    return sum(ps) / len(ps), sum(rs) / len(rs), sum(fs) / len(fs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reimpl_sim_and_kld_match_their_transcription(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    g = _blob_map(rng)
+    p = np.clip(0.15 + g * 0.6 + 0.1 * rng.random(g.shape), 0, 1)  # a prediction with a floor
+    assert sim(p, g, protocol="reimpl") == pytest.approx(_reimpl_sim_loop(p, g), abs=1e-12)
+    assert kld(p, g, protocol="reimpl") == pytest.approx(_reimpl_kld_loop(p, g), abs=1e-12)
+    assert kld(p, g, protocol="paper") == pytest.approx(_kld_loop(p, g), abs=1e-12)  # the MIT one is unchanged
+    # Min-max normalisation removes the floor; the re-implementation's SIM pays for it.
+    assert sim(p, g, protocol="reimpl") < sim(p, g) - 0.1
+
+
+def test_reimpl_keywords_average_per_sample_and_nothing_to_find_scores_zero() -> None:
+    pred = [{0, 2}, set(), {1}, set(), {3}]
+    gt = [{2, 3}, {4}, {1}, set(), set()]
+    got = keyword_prf(pred, gt, protocol="reimpl")
+    assert got == pytest.approx(_reimpl_keywords_loop(pred, gt), abs=1e-15)
+    # samples: (1/2, 1/2, 1/2), (0, 0, 0), (1, 1, 1), (0, 0, 0), (0, 0, 0)
+    assert got == pytest.approx((1.5 / 5, 1.5 / 5, 1.5 / 5))
+    pooled = keyword_prf(pred, gt)  # hits 2, predicted 4, misaligned 4
+    assert pooled == pytest.approx((0.5, 0.5, 0.5))
+    assert keyword_prf([set()], [set()], protocol="reimpl") == (0.0, 0.0, 0.0)
+    assert keyword_prf([set()], [set()]) == (1.0, 1.0, 1.0)
+    assert keyword_prf([], [], protocol="reimpl") == (0.0, 0.0, 0.0)
+
+
+def test_reimpl_heatmaps_are_scored_at_384_after_bilinear_resampling() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    gt = np.zeros((512, 512))
+    gt[100:220, 300:420] = 0.8
+    gt[400:430, 20:90] = 0.4
+    pred = np.clip(0.05 + 0.7 * gt + 0.05 * rng.random(gt.shape), 0, 1)
+    out = heatmap_metrics([pred, pred], [gt, np.zeros_like(gt)], protocol="reimpl")
+
+    def down(m: np.ndarray) -> np.ndarray:  # bilinear, half-pixel centres, no antialiasing: torch's own
+        t = torch.from_numpy(m)[None, None]
+        return torch.nn.functional.interpolate(t, size=(384, 384), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+    p384, g384 = down(pred), down(gt)
+    assert (out["n_all"], out["n_gt0"], out["n_gt_pos"]) == (2, 1, 1)
+    assert out["cc"] == pytest.approx(cc(p384, g384), abs=1e-9)
+    assert out["sim"] == pytest.approx(_reimpl_sim_loop(p384, g384), abs=1e-9)
+    assert out["kld"] == pytest.approx(_reimpl_kld_loop(p384, g384), abs=1e-9)
+    assert out["nss"] == pytest.approx(nss(p384, g384), abs=1e-9)
+    mse = [np.mean((p384 - g384) ** 2), np.mean(p384**2)]
+    assert out["mse_all"] == pytest.approx(np.mean(mse), rel=1e-9)
+    assert out["mse_gt0"] == pytest.approx(mse[1], rel=1e-9)
+    paper = heatmap_metrics([pred], [gt])  # at 512 with the MIT definitions
+    assert paper["sim"] > out["sim"] + 0.05
+
+
+def test_protocol_is_checked() -> None:
+    g = np.eye(4)
+    for call in (lambda: sim(g, g, protocol="mit"), lambda: kld(g, g, protocol=""), lambda: keyword_prf([], [], "x")):
+        with pytest.raises(ValueError, match="`protocol` must be one of"):
+            call()
+    with pytest.raises(ValueError, match="`protocol` must be one of"):
+        heatmap_metrics([g], [g], protocol="PAPER")
