@@ -47,6 +47,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# annotate
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from .annotate import run_from_args
+
+    return run_from_args(args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # demo
 
 
@@ -138,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an HTTP scoring server with dynamic batching (GET /health, POST /score)")
     register_serve(p)
     p.set_defaults(func=_cmd_serve)
+
+    from .annotate import register as register_annotate
+
+    p = sub.add_parser("annotate", help="a local web page to collect rich feedback (points, words, four scores)")
+    register_annotate(p)
+    p.set_defaults(func=_cmd_annotate)
 
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # torch and transformers load with the model, not with `rahf 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BackgroundServer",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_IMAGES",
     "DynamicBatcher",
@@ -58,6 +59,7 @@ __all__ = [
     "create_app",
     "parse_score_request",
     "register",
+    "run_in_thread",
     "serve",
 ]
 
@@ -458,8 +460,9 @@ def create_app(predictor: RichFeedbackPredictor, config: ServeConfig | None = No
     return app
 
 
-class _Server:
-    """uvicorn on a socket of our own, in a thread: for tests and benchmarks (`url` once started)."""
+class BackgroundServer:
+    """Any ASGI app under uvicorn on a socket of our own (127.0.0.1, a free port by default), in a thread: for tests
+    and benchmarks; `url` is its address. A context manager that returns once the server answers."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         import socket
@@ -473,7 +476,7 @@ class _Server:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -488,7 +491,9 @@ class _Server:
         self.socket.close()
 
 
-def run_in_thread(predictor: RichFeedbackPredictor, config: ServeConfig | None = None, port: int = 0) -> _Server:
+def run_in_thread(
+    predictor: RichFeedbackPredictor, config: ServeConfig | None = None, port: int = 0
+) -> BackgroundServer:
     """A context manager serving `predictor` on 127.0.0.1 (a free port by default) in a background thread.
 
     Examples:
@@ -498,7 +503,7 @@ def run_in_thread(predictor: RichFeedbackPredictor, config: ServeConfig | None =
     ...     RAHFClient(server.url).score([image], ["a cat"])
     ```
     """
-    return _Server(create_app(predictor, config), port=port)
+    return BackgroundServer(create_app(predictor, config), port=port)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None, **config) -> None:
