@@ -1,7 +1,8 @@
 """`rahf evaluate`: the paper's Tables 1-4 for any rater (RAHF or a baseline) on a canonical split.
 
-Writes `metrics.json` (the schema below, `null` where the model cannot produce an output), `report.md` with the four
-tables in the paper's layout, figures in the style of the paper's Figs. 5-7 (image | ground truth | prediction
+Writes `metrics.json` (the schema below, `null` where the model cannot produce an output; under `--protocol paper`,
+the default, or `reimpl`), `metrics_by_protocol.json` (both), `report.md` with the four tables in the paper's layout
+under each protocol, figures in the style of the paper's Figs. 5-7 (image | ground truth | prediction
 overlays; ground-truth vs predicted scores), `predictions.jsonl` (per-sample scores and keywords) and
 `eval_info.json` (what was evaluated, on what, how long it took).
 
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HEATMAP_KEYS",
     "PAPER_METRICS",
+    "PROTOCOL_TITLES",
+    "REFERENCE_ROWS",
+    "REIMPL_METRICS",
     "SCORE_NAMES",
     "evaluate",
     "main",
@@ -120,7 +124,8 @@ def _paper(scores=None, implausibility=None, misalignment=None, keywords=None) -
 
 
 # The paper's figures on the RichHF-18K test set (Liang et al., CVPR 2024, Tables 1-4; docs/reference.md, section 5), in the schema
-# of metrics.json. Table 2/3 counts: 69 (implausibility) and 144 (misalignment) empty maps out of 995 test samples.
+# of metrics.json. Table 2/3 counts, from the paper's captions: 69 (implausibility) and 144 (misalignment) empty maps out of
+# 995 test samples. The release's test file holds 955 records (its dev file 995): the count is the paper's, kept as stated.
 PAPER_METRICS: dict[str, dict] = {
     "ResNet-50": _paper(
         scores=_scores(
@@ -157,7 +162,41 @@ PAPER_METRICS: dict[str, dict] = {
         keywords=(0.613, 0.341, 0.439),
     ),
 }
-PAPER_LABEL = "the paper's figures on the RichHF-18K test set (Liang et al., CVPR 2024, Tables 1-4), not measured here"
+PAPER_LABEL = (
+    "the paper's figures on the RichHF-18K test set (Liang et al., CVPR 2024, Tables 1-4), not measured here; "
+    "computed under the paper's protocol (MIT definitions) on the 995 test samples its Tables 2-3 state (the "
+    "release's test file holds 955 records, its dev file 995)"
+)
+# The first author's re-implementation's published multi-head test figures (docs/reference.md, section 6), under its
+# own protocol (`protocol="reimpl"`); it does not publish SRCC, nor its test count or empty-map counts.
+REIMPL_METRICS: dict[str, dict] = {
+    "re-implementation multi-head": _paper(
+        scores={
+            "plausibility": {"plcc": 0.739, "srcc": None},
+            "aesthetics": {"plcc": 0.629, "srcc": None},
+            "alignment": {"plcc": 0.565, "srcc": None},
+            "overall": {"plcc": 0.642, "srcc": None},
+        },
+        implausibility=_heat(0.00724, 0.00078, 0.525, 1.649, 0.339, 2.029, 0.905),
+        misalignment=_heat(0.00324, 0.00035, 0.232, 2.848, 0.104, 1.256, 0.797),
+        keywords=(0.565, 0.452, 0.475),
+    ),
+}
+REIMPL_LABEL = (
+    "the first author's re-implementation's published multi-head test figures (RichHF-18K), not measured here; "
+    "computed under its own protocol (`--protocol reimpl`); it states no test count (the release's test file holds "
+    "955 records)"
+)
+# protocol -> (label, rows) of the published figures that protocol makes comparable.
+REFERENCE_ROWS: dict[str, tuple[str, dict[str, dict]]] = {
+    "paper": (PAPER_LABEL, PAPER_METRICS),
+    "reimpl": (REIMPL_LABEL, REIMPL_METRICS),
+}
+PROTOCOL_TITLES = {
+    "paper": "the paper's protocol (MIT saliency benchmark definitions, pooled keyword counts)",
+    "reimpl": "the re-implementation's protocol (SIM without min-max, KLD eps 1e-8, heatmaps at 384 px, per-sample "
+    "keyword averages)",
+}
 
 
 # ====================================================================================================================
@@ -167,12 +206,13 @@ PAPER_LABEL = "the paper's figures on the RichHF-18K test set (Liang et al., CVP
 class _HeatmapAccumulator:
     """Per-sample `heatmap_metrics`, combined into the set's means without holding every map in memory."""
 
-    def __init__(self):
+    def __init__(self, protocol: str = "paper"):
+        self.protocol = protocol
         self.sums = {k: 0.0 for k in _MEAN_OVER}
         self.counts = {"n_all": 0, "n_gt0": 0, "n_gt_pos": 0}
 
     def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        one = M.heatmap_metrics([pred], [gt])
+        one = M.heatmap_metrics([pred], [gt], protocol=self.protocol)
         for key in self.counts:
             self.counts[key] += int(one[key])
         for key, over in _MEAN_OVER.items():
@@ -246,8 +286,12 @@ def evaluate(
     show_progress: bool = True,
     info: Mapping[str, Any] | None = None,
     include_paper: bool = False,
+    protocol: str = "paper",
 ) -> dict:
     """Rates every record of a canonical split and writes `metrics.json`, `report.md`, figures and predictions.
+
+    Both protocols are computed on the same predictions: `metrics.json` holds `protocol`'s, `metrics_by_protocol.json`
+    both (`{"paper": ..., "reimpl": ...}`), and `report.md` shows `protocol`'s tables first, then the other's.
 
     Args:
         rater: `rater(images, prompts) -> list[RichFeedback]` (a `RichFeedbackPredictor`, a baseline of
@@ -262,7 +306,10 @@ def evaluate(
         figures: write the PNG figures.
         show_progress: a tqdm bar over the records.
         info: extra facts for `eval_info.json` and the report's header (e.g. the model and data paths).
-        include_paper: add the paper's own rows (RichHF-18K) under each table of `report.md`, labelled as such.
+        include_paper: add the published rows under each table of `report.md`, labelled as such: the paper's under
+            its protocol, the re-implementation's under its own.
+        protocol: `"paper"` (the MIT definitions, pooled keyword counts) or `"reimpl"` (the first author's
+            re-implementation's: see `rahf.metrics`); which one `metrics.json` holds.
 
     Returns:
         The metrics (what `metrics.json` holds).
@@ -280,12 +327,14 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be positive, got {batch_size}")
+    if protocol not in M.PROTOCOLS:
+        raise ValueError(f"`protocol` must be one of {M.PROTOCOLS}, got {protocol!r}")
     caps = rater_capabilities(rater)
     start_time = time.perf_counter()
 
     gt_scores = {s: [] for s in SCORE_NAMES}
     pred_scores: dict[str, list[float | None]] = {s: [] for s in SCORE_NAMES}
-    heat = {h: _HeatmapAccumulator() for h in HEATMAP_NAMES}
+    heat = {(h, pr): _HeatmapAccumulator(pr) for h in HEATMAP_NAMES for pr in M.PROTOCOLS}
     heat_got = {h: [] for h in HEATMAP_NAMES}
     gt_keywords: list[list[int]] = []
     pred_keywords: list[list[int]] = []
@@ -320,7 +369,8 @@ def evaluate(
                     raise ValueError(f"record {index}: the {h!r} heatmap must be HxW, got shape {pred.shape}")
                 pred_maps[h] = pred
                 try:
-                    heat[h].add(resize_map(pred, *gt_maps[h].shape), gt_maps[h])
+                    heat[(h, "paper")].add(resize_map(pred, *gt_maps[h].shape), gt_maps[h])
+                    heat[(h, "reimpl")].add(pred, gt_maps[h])  # both resampled to 384 x 384 there
                 except ValueError as err:
                     raise ValueError(f"record {index} ({h} heatmap): {err}") from err
             gt_kw = misaligned_indices(rows["word_labels"][i])
@@ -371,34 +421,38 @@ def evaluate(
         else:
             score_metrics[s] = None
     # Heatmaps (Tables 2 and 3)
-    heatmap_metrics: dict[str, dict | None] = {}
-    produced_heatmaps = []
-    for h in HEATMAP_NAMES:
-        produced = _check_produced(h, "heatmap", heat_got[h], None if caps is None else h in caps["heatmaps"])
-        heatmap_metrics[h] = heat[h].result() if produced else None
-        if produced:
-            produced_heatmaps.append(h)
+    produced_heatmaps = [
+        h
+        for h in HEATMAP_NAMES
+        if _check_produced(h, "heatmap", heat_got[h], None if caps is None else h in caps["heatmaps"])
+    ]
     # Keywords (Table 4). A rater that cannot say whether it writes keywords counts as writing them when it marked any.
     keywords_produced = caps["keywords"] if caps is not None else keywords_seen
-    keywords = None
-    if keywords_produced:
-        p, r, f1 = M.keyword_prf(pred_keywords, gt_keywords)
-        keywords = {"precision": p, "recall": r, "f1": f1}
-
-    result = {
-        "scores": score_metrics,
-        "implausibility_heatmap": heatmap_metrics["implausibility"],
-        "misalignment_heatmap": heatmap_metrics["misalignment"],
-        "keywords": keywords,
-    }
+    by_protocol = {}
+    for pr in M.PROTOCOLS:
+        keywords = None
+        if keywords_produced:
+            p, r, f1 = M.keyword_prf(pred_keywords, gt_keywords, protocol=pr)
+            keywords = {"precision": p, "recall": r, "f1": f1}
+        by_protocol[pr] = {
+            "scores": score_metrics,
+            **{
+                f"{h}_heatmap": heat[(h, pr)].result() if h in produced_heatmaps else None
+                for h in ("implausibility", "misalignment")
+            },
+            "keywords": keywords,
+        }
+    result = by_protocol[protocol]
     seconds = time.perf_counter() - start_time
     (out_dir / "metrics.json").write_text(json.dumps(_finite(result), indent=2) + "\n")
+    (out_dir / "metrics_by_protocol.json").write_text(json.dumps(_finite(by_protocol), indent=2) + "\n")
     with (out_dir / "predictions.jsonl").open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     eval_info = {
         "name": name,
         "num_examples": n,
+        "protocol": protocol,
         "seconds": round(seconds, 2),
         "capabilities": caps,
         **dict(info or {}),
@@ -426,6 +480,7 @@ def evaluate(
         + "".join(f", {k} `{v}`" for k, v in (info or {}).items())
         + f"; {seconds:.1f} s."
     ]
+    others = [pr for pr in M.PROTOCOLS if pr != protocol]
     write_comparison_report(
         {name: result},
         out_dir / "report.md",
@@ -433,6 +488,8 @@ def evaluate(
         notes=header,
         figures=figure_files,
         include_paper=include_paper,
+        protocol=protocol,
+        other_protocols={pr: {name: by_protocol[pr]} for pr in others},
     )
     logger.info("evaluated %s on %d examples in %.1fs: %s", name, n, seconds, out_dir / "metrics.json")
     return result
@@ -612,14 +669,21 @@ _TABLES = (
 )
 
 
-def render_tables(metrics_by_name: Mapping[str, Mapping], include_paper: bool = False) -> str:
+def render_tables(
+    metrics_by_name: Mapping[str, Mapping], include_paper: bool = False, protocol: str = "paper", level: int = 2
+) -> str:
     """Tables 1-4 in the paper's layout, one row per model, as markdown (`–` where a model has no such output).
 
-    With `include_paper`, each table is followed by the paper's own rows (`PAPER_METRICS`), labelled as such.
+    With `include_paper`, each table is followed by the published rows that `protocol` makes comparable: the paper's
+    (`PAPER_METRICS`) under `"paper"`, the re-implementation's (`REIMPL_METRICS`) under `"reimpl"`, labelled as such.
+    `level` is the markdown heading level of the table titles.
     """
+    if protocol not in REFERENCE_ROWS:
+        raise ValueError(f"`protocol` must be one of {tuple(REFERENCE_ROWS)}, got {protocol!r}")
+    reference_label, reference_rows = REFERENCE_ROWS[protocol]
     out: list[str] = []
     for which, title in _TABLES:
-        out += [f"## {title}", ""]
+        out += [f"{'#' * level} {title}", ""]
         lines, absent = _table_block(metrics_by_name, which)
         if len(lines) > 2:
             out += lines
@@ -634,9 +698,9 @@ def render_tables(metrics_by_name: Mapping[str, Mapping], include_paper: bool = 
                 "AUC-Judd over those with a non-empty ground truth (GT>0).",
             ]
         if include_paper:
-            paper_lines, _ = _table_block(PAPER_METRICS, which)
+            paper_lines, _ = _table_block(reference_rows, which)
             if len(paper_lines) > 2:
-                out += ["", f"*For reference, {PAPER_LABEL}:*", ""] + paper_lines
+                out += ["", f"*For reference, {reference_label}:*", ""] + paper_lines
         out.append("")
     return "\n".join(out)
 
@@ -659,19 +723,33 @@ def write_comparison_report(
     include_paper: bool = False,
     notes: Sequence[str] | None = None,
     figures: Sequence[tuple[str, str]] | None = None,
+    protocol: str = "paper",
+    other_protocols: Mapping[str, Mapping[str, Mapping | str | Path]] | None = None,
 ) -> Path:
     """Writes Tables 1-4 with one row per model (each a metrics dict, a metrics.json, or its folder) to `out_path`.
 
     Args:
-        include_paper: add the paper's rows (RichHF-18K, Liang et al. 2024) under each table, labelled as not ours.
+        include_paper: add the published rows under each table, labelled as not ours: the paper's (RichHF-18K, Liang
+            et al. 2024) under the paper's protocol, the re-implementation's under its own.
         notes: paragraphs placed under the title.
         figures: `(caption, relative path)` of images to embed after the tables.
+        protocol: the protocol `metrics_by_name` was computed under (`"paper"` or `"reimpl"`).
+        other_protocols: `{protocol: metrics_by_name}` of the same models under other protocols, each rendered in a
+            section of its own after the first, beside that protocol's published rows.
     """
     loaded = {name: _load_metrics(m) for name, m in metrics_by_name.items()}
     lines = [f"# {title}", ""]
     for note in notes or []:
         lines += [note, ""]
-    lines.append(render_tables(loaded, include_paper=include_paper))
+    if other_protocols:
+        lines += [f"## Under {PROTOCOL_TITLES[protocol]}", ""]
+        lines.append(render_tables(loaded, include_paper=include_paper, protocol=protocol, level=3))
+        for other, models in other_protocols.items():
+            other_loaded = {name: _load_metrics(m) for name, m in models.items()}
+            lines += [f"## Under {PROTOCOL_TITLES[other]}", ""]
+            lines.append(render_tables(other_loaded, include_paper=include_paper, protocol=other, level=3))
+    else:
+        lines.append(render_tables(loaded, include_paper=include_paper, protocol=protocol))
     if figures:
         lines += ["## Figures", ""]
         for caption, rel in figures:
@@ -725,6 +803,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the paper's RichHF-18K rows to report.md, labelled as the paper's",
     )
     parser.add_argument(
+        "--protocol",
+        choices=("paper", "reimpl"),
+        default="paper",
+        help="the metric definitions of metrics.json: 'paper' (MIT saliency benchmark, pooled keyword counts; "
+        "default) or 'reimpl' (the first author's re-implementation's: SIM without min-max, KLD eps 1e-8, heatmaps "
+        "scored at 384 px, per-sample keyword averages); report.md shows both",
+    )
+    parser.add_argument(
         "--center_prior_fit_split",
         default="train",
         help="center_prior: the split whose maps fit its peak (MSE only); 'none' keeps peak 1",
@@ -766,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         figures=not args.no_figures,
         info={"model": str(args.model), "data": str(args.data), "split": args.split},
         include_paper=args.with_paper_results,
+        protocol=args.protocol,
     )
     logger.info("wrote %s", Path(args.out) / "report.md")
     return 0

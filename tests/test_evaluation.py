@@ -231,3 +231,74 @@ def test_cli_evaluates_a_baseline_name_and_a_saved_model(tmp_path):
     assert "# Evaluation: run" in (tmp_path / "rahf" / "report.md").read_text()
     with pytest.raises(ValueError, match="splits are"):
         main(["--model", "center_prior", "--data", str(tmp_path / "data"), "--split", "dev", "--out", str(tmp_path)])
+
+
+class FloorRater(OracleRater):
+    """The ground truth with a floor added to every heatmap pixel (as trained models predict), same keywords."""
+
+    def __call__(self, images, prompts, outputs=None):
+        out = super().__call__(images, prompts, outputs)
+        for fb in out:
+            fb.heatmaps = {k: (0.2 + 0.6 * v).astype(np.float32) for k, v in fb.heatmaps.items()}
+        return out
+
+
+def test_both_protocols_on_the_same_predictions_and_each_beside_its_published_rows(tmp_path):
+    from rahf import metrics as M
+
+    split = tiny_split(8)
+    rater = FloorRater(split)
+    paper = evaluate(
+        rater, split, tmp_path / "p", name="floor", show_progress=False, figures=False, include_paper=True
+    )
+    reimpl = evaluate(
+        rater, split, tmp_path / "r", name="floor", show_progress=False, figures=False, protocol="reimpl"
+    )
+    check_schema(paper)
+    check_schema(reimpl)
+    both = json.loads((tmp_path / "p" / "metrics_by_protocol.json").read_text())
+    assert both == json.loads((tmp_path / "r" / "metrics_by_protocol.json").read_text())
+    assert both["paper"] == json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert both["reimpl"] == json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "r" / "eval_info.json").read_text())["protocol"] == "reimpl"
+
+    # Each protocol's numbers are its own definitions applied to the same predictions.
+    gts = gt_of(split)
+    preds = rater([im.convert("RGB") for im in split["image"]], list(split["prompt"]))
+    for h in ("implausibility", "misalignment"):
+        g = [gts[p][h] for p in split["prompt"]]
+        pr = [fb.heatmaps[h] for fb in preds]
+        for protocol, got in (("paper", paper), ("reimpl", reimpl)):
+            want = M.heatmap_metrics(pr, g, protocol=protocol)
+            for key in ("mse_all", "cc", "kld", "sim", "nss", "auc_judd", "n_gt0"):
+                assert got[f"{h}_heatmap"][key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (h, protocol, key)
+        assert paper[f"{h}_heatmap"]["sim"] > reimpl[f"{h}_heatmap"]["sim"] + 0.05  # the floor costs SIM only there
+    kw_pred = [fb.misaligned_word_indices for fb in preds]
+    kw_gt = [gts[p]["keywords"] for p in split["prompt"]]
+    assert paper["keywords"]["f1"] == pytest.approx(M.keyword_prf(kw_pred, kw_gt)[2])
+    assert reimpl["keywords"]["f1"] == pytest.approx(M.keyword_prf(kw_pred, kw_gt, protocol="reimpl")[2])
+    assert paper["scores"] == reimpl["scores"]  # PLCC / SRCC have one definition
+
+    report = (tmp_path / "p" / "report.md").read_text()
+    first, second = report.split("## Under the re-implementation's protocol")
+    assert "## Under the paper's protocol" in first
+    assert "| RAHF multi-head | 0.01216 | 0.00141 | 0.425 |" in first and "995 test samples" in first
+    assert "955" in first  # the release's test count beside the paper's
+    assert "| re-implementation multi-head | 0.00724 | 0.00078 | 0.525 |" in second
+    assert "RAHF multi-head" not in second and "re-implementation multi-head" not in first
+    assert "| floor |" in first and "| floor |" in second
+    with pytest.raises(ValueError, match="`protocol` must be one of"):
+        evaluate(rater, split, tmp_path / "x", show_progress=False, figures=False, protocol="mit")
+
+
+def test_cli_protocol_flag(tmp_path):
+    data = tiny_dataset_dict(n_train=4, n_validation=2, n_test=5)
+    data.save_to_disk(str(tmp_path / "data"))
+    argv = ["--model", "center_prior", "--data", str(tmp_path / "data"), "--no_figures", "--with_paper_results"]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--protocol", "reimpl"]) == 0
+    both = json.loads((tmp_path / "r" / "metrics_by_protocol.json").read_text())
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == both["reimpl"]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert report.index("## Under the re-implementation's protocol") < report.index("## Under the paper's protocol")
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "x"), "--protocol", "mit"])
