@@ -81,7 +81,7 @@ function buildScores() {
       button.className = "rate";
       button.dataset.value = v;
       button.textContent = v;
-      button.addEventListener("click", () => rate(r, v));
+      button.addEventListener("click", (event) => { event.stopPropagation(); rate(r, v); });
       row.appendChild(button);
     }
     row.addEventListener("click", () => { state.activeRow = r; renderScores(); });
@@ -110,6 +110,10 @@ async function load(index) {
   state.words = new Set(existing ? existing.misaligned_word_indices : []);
   state.scores = existing ? { ...existing.scores } : {};
   state.activeRow = 0;
+  // Shown as large as fits (up to 640 x 80% of the window), aspect kept, so that clicks map to its own pixels.
+  const fit = Math.min(Math.min(640, 0.56 * window.innerWidth) / item.width, (0.8 * window.innerHeight) / item.height);
+  $("image").style.width = `${Math.round(item.width * fit)}px`;
+  $("image").style.height = `${Math.round(item.height * fit)}px`;
   $("image").src = item.image_url;
   const prompt = $("prompt");
   prompt.replaceChildren();
