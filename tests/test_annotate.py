@@ -183,3 +183,30 @@ def test_cli_flags(images, tmp_path):
 
     assert main(["annotate", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert main(["annotate", "--images", str(images), "--out", str(tmp_path), "--annotator", "x"]) == 2
+
+
+def test_several_annotators_at_once(images, tmp_path):
+    import threading
+
+    out = tmp_path / "annotations.jsonl"
+    statuses = []
+    with BackgroundServer(create_annotate_app(load_tasks(images), images, out)) as server:
+
+        def work(name):
+            for index in (0, 1, 0):  # the last one edits the first
+                body = {"annotator": name, "index": index, "points": [{"x": 1, "y": 1, "kind": "misalignment"}],
+                        "misaligned_word_indices": [0], "scores": SCORES}  # fmt: skip
+                statuses.append(call(server.url, "/api/annotation", body)[0])
+
+        threads = [threading.Thread(target=work, args=(f"a{i}",)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert statuses == [200] * 18
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((r["annotator"], r["uid"]) for r in lines) == sorted(
+        (f"a{i}", uid) for i in range(6) for uid in ("a", "sub/b")
+    )
+    report = consolidate(out, images, tmp_path / "data")
+    assert report["invalid"] == [] and report["valid_lines"] == 12
