@@ -1,8 +1,8 @@
 """`rahf data ...`: the data subcommands, each registered by its own module through `register(subparsers)`.
 
 `python -m rahf.data <command>` and `rahf data <command>` both end here. Modules: `richhf` (convert-richhf),
-`consolidate`, `synth`, `stats` and `label_studio` (label-studio-config, from-label-studio); a module that does not
-exist (yet) is left out, any other import error is raised.
+`fetch_richhf` (fetch-richhf), `consolidate`, `synth`, `stats` and `label_studio` (label-studio-config,
+from-label-studio); a module that does not exist (yet) is left out, any other import error is raised.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
 
 # Modules that define `register(subparsers)`, in the order their commands are listed in `--help`.
-SUBCOMMAND_MODULES = ("synth", "richhf", "consolidate", "stats", "label_studio")
+SUBCOMMAND_MODULES = ("synth", "richhf", "fetch_richhf", "consolidate", "stats", "label_studio")
 
 
 def build_parser() -> argparse.ArgumentParser:
