@@ -208,3 +208,40 @@ def test_cli_and_bad_sources(hub: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds no parquet shards"):
         F.fetch_pickapic_images({"train": {"a"}}, tmp_path / "empty", tmp_path / "c")
     assert isinstance(F._open_store("yuvalkirstain/pickapic_v1", None), F._HubStore)  # no network until it reads
+
+
+def test_a_hub_repository_id_is_read_through_hffilesystem(hub: dict, tmp_path: Path, monkeypatch) -> None:
+    """The hub path with HfFileSystem stood in for by a local file system of the same paths (no network)."""
+    import shutil
+
+    import huggingface_hub
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    mirror = tmp_path / "hf" / "datasets" / "someone" / "pickapic_v1"
+    shutil.copytree(hub["root"], mirror)
+    opened = []
+
+    class FakeHfFileSystem(DirFileSystem):
+        def __init__(self):
+            super().__init__(path=str(tmp_path / "hf"), fs=LocalFileSystem())
+
+        def open(self, path, mode="rb", **kwargs):
+            opened.append((path, kwargs.get("block_size")))
+            return super().open(path, mode, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", FakeHfFileSystem)
+    report = F.fetch_richhf([hub["tf"]], "someone/pickapic_v1", tmp_path / "out")
+    assert report["fetch"]["pickapic"] == "hub dataset someone/pickapic_v1"
+    assert report["fetch"]["found"] == 7 and report["fetch"]["row_groups_image_reads"] == 6
+    assert sorted(p for p, _ in opened) == sorted(
+        f"datasets/someone/pickapic_v1/data/{name}"
+        for name in (
+            "train-00000-of-00003.parquet",
+            "train-00001-of-00003.parquet",
+            "train-00002-of-00003.parquet",
+            "test-00000-of-00001.parquet",
+        )
+    )
+    assert {b for _, b in opened} == {2**20}
+    _check_dataset(tmp_path / "out", {"train": ["t0", "t1", "t2", "t3"], "test": ["x0", "x1"]})

@@ -40,6 +40,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from tqdm.auto import tqdm
 
@@ -121,17 +122,18 @@ class _HubStore:
         self.repo_id = repo_id
         self.revision = revision
         self.name = f"hub dataset {repo_id}" + (f"@{revision}" if revision else "")
-        self.prefix = f"datasets/{repo_id}"
+        # HfFileSystem's paths carry the revision: datasets/owner/name@rev, a branch's "/" quoted.
+        self.prefix = f"datasets/{repo_id}" + (f"@{quote(revision, safe='')}" if revision else "")
 
     def shards(self) -> list[str]:
-        found = self.fs.glob(f"{self.prefix}/**/*.parquet", revision=self.revision)
-        return sorted(path[len(self.prefix) + 1 :] for path in found)
+        found = self.fs.glob(f"{self.prefix}/**/*.parquet")
+        return sorted(path.split("/", 3)[3] for path in found)  # datasets/owner/name[@rev]/data/... -> data/...
 
     def open(self, shard: str) -> _CountingFile:
         path = f"{self.prefix}/{shard}"
-        size = int(self.fs.info(path, revision=self.revision)["size"])
+        size = int(self.fs.info(path)["size"])
         # A small block size: a row group's uid columns are a few hundred kB, its image columns tens of MB.
-        raw = self.fs.open(path, "rb", revision=self.revision, block_size=2**20)
+        raw = self.fs.open(path, "rb", block_size=2**20)
         return _CountingFile(raw, size)
 
 
