@@ -37,7 +37,7 @@ from .configuration_rahf import KEYWORDS_TASK
 from .job_args import uses_cpu_processes
 from .metrics import plcc
 from .precision import resolve_mixed_precision
-from .training_args import RAHFTrainingArguments, parse_training_args
+from .training_args import RAHFTrainingArguments, best_metric_direction, parse_training_args
 from .training_utils import (
     TRAINING_STATE_NAME,
     EpochShuffleSampler,
@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     pass
 
 logger = logging.getLogger(__name__)
+
+BEST_SUMMARY = "best_validation.json"
 
 __all__ = [
     "MODEL_BUILDERS",
@@ -395,7 +397,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
         use_8bit_adam=args.use_8bit_adam,
-        decay_1d=False,  # no weight decay on biases and normalisation weights
+        decay_1d=args.weight_decay_all,  # by default no weight decay on biases and normalisation weights
     )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if eval_dataloader is not None:
@@ -502,6 +504,51 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         )
         return metrics
 
+    # The best validation so far (`--save_best_on`), kept in output_dir/best; a resumed run starts from the one on disk.
+    best_dir = output_dir / "best"
+    best: dict[str, Any] | None = None
+    direction = best_metric_direction(args.save_best_on) if args.save_best_on else None
+    if args.save_best_on:
+        if eval_dataloader is None:
+            raise ValueError(
+                f"`save_best_on` {args.save_best_on!r} needs a validation split, and {args.data_dir} has no "
+                f"{args.validation_split!r} records"
+            )
+        if resume_from is not None and (best_dir / BEST_SUMMARY).is_file():
+            best = json.loads((best_dir / BEST_SUMMARY).read_text())
+            if best.get("metric") != args.save_best_on:
+                best = None  # chosen on another metric: the first validation replaces it
+
+    def validate(step: int, epoch: int) -> dict[str, float]:
+        nonlocal best, last_validated_step
+        metrics = run_validation(step)
+        last_validated_step = step
+        if not args.save_best_on:
+            return metrics
+        if args.save_best_on not in metrics:
+            raise ValueError(
+                f"`save_best_on` {args.save_best_on!r} is not among this model's validation metrics {sorted(metrics)}"
+            )
+        value = float(metrics[args.save_best_on])
+        if not math.isfinite(value):
+            logger.warning("step %d: validation %s is %s, not a best", step, args.save_best_on, value)
+            return metrics
+        if best is not None and not (value < best["value"] if direction == "min" else value > best["value"]):
+            return metrics
+        guard.check(accelerator, f"before saving the best model at step {step}")
+        best = {"metric": args.save_best_on, "value": value, "step": step, "epoch": epoch}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_directory(best_dir) as tmp:
+                accelerator.unwrap_model(model).save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+                summary = {**best, "validation": {k: json_value(v) for k, v in metrics.items()}}
+                (tmp / BEST_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            logger.info("step %d: best %s so far (%.5g): saved to %s", step, args.save_best_on, value, best_dir)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    last_validated_step = -1
     progress = tqdm(
         range(max_train_steps),
         initial=global_step,
@@ -520,9 +567,11 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     model.train()
     start_time = time.perf_counter()
 
+    current_epoch = first_epoch
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
+        current_epoch = epoch
         train_dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         train_dataloader.set_epoch(epoch)
@@ -583,19 +632,21 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                 sums.zero_()
                 counts.zero_()
             if eval_dataloader is not None and args.validation_steps and global_step % args.validation_steps == 0:
-                last_validation = run_validation(global_step)
+                last_validation = validate(global_step, epoch)
             # Last: a checkpoint at step N implies that everything logged up to N is on disk.
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint(global_step, epoch)
             if global_step >= max_train_steps:
                 break
+        if args.validate_every_epoch and eval_dataloader is not None and last_validated_step != global_step:
+            last_validation = validate(global_step, epoch)
     progress.close()
 
     # 6. The last validation, and the final model and processor (never a non-finite one).
     guard.check(accelerator, "at the end of training")
     check_finite_parameters(accelerator.unwrap_model(model), f"{output_dir / 'final'}")
-    if eval_dataloader is not None and (not args.validation_steps or global_step % args.validation_steps):
-        last_validation = run_validation(global_step)
+    if eval_dataloader is not None and last_validated_step != global_step:
+        last_validation = validate(global_step, current_epoch)
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
     calibration = None
@@ -627,6 +678,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                         "train_seconds": time.perf_counter() - start_time,
                         "validation": {k: json_value(v) for k, v in last_validation.items()},
                         "keyword_threshold_calibration": calibration,
+                        "best": best,
                     },
                     indent=2,
                 )
@@ -638,7 +690,13 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.free_memory()
-    return {"global_step": global_step, "final_dir": str(final_dir), "validation": last_validation}
+    return {
+        "global_step": global_step,
+        "final_dir": str(final_dir),
+        "validation": last_validation,
+        "best": best,
+        "best_dir": str(best_dir) if best is not None else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

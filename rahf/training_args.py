@@ -120,7 +120,12 @@ class RAHFTrainingArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_weight_decay: float = field(
-        default=1e-2, metadata={"help": "AdamW weight decay (not applied to biases and norm weights)"}
+        default=1e-2,
+        metadata={"help": "AdamW weight decay (not applied to biases and norm weights unless weight_decay_all)"},
+    )
+    weight_decay_all: bool = field(
+        default=False,
+        metadata={"help": "apply the weight decay to every parameter, biases and normalisation weights included"},
     )
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit (pip install bitsandbytes)"})
@@ -158,6 +163,14 @@ class RAHFTrainingArguments:
     )
     validation_steps: int | None = field(
         default=None, metadata={"help": "validate every N steps (always at the end, when there is a validation split)"}
+    )
+    validate_every_epoch: bool = field(default=False, metadata={"help": "also validate at the end of every epoch"})
+    save_best_on: str | None = field(
+        default=None,
+        metadata={
+            "help": "keep, in output_dir/best, the model of the best validation so far on this metric: loss, "
+            "heatmap_loss, score_loss, sequence_loss (lower is better) or plcc_<score> (higher is better)"
+        },
     )
     logging_steps: int = field(default=10, metadata={"help": "write a log line every N steps"})
     report_to: str = field(
@@ -215,11 +228,34 @@ class RAHFTrainingArguments:
             raise ValueError(f"`variant` must be multi_head or augmented_prompt, got {self.variant!r}")
         if not 0.0 <= self.word_swap_rate <= 1.0:
             raise ValueError(f"`word_swap_rate` must be a probability in [0, 1], got {self.word_swap_rate!r}")
+        if self.save_best_on in ("", "none", "None"):
+            self.save_best_on = None
+        if self.save_best_on is not None:
+            best_metric_direction(self.save_best_on)  # an unknown name fails before training
+            if self.validation_split is None:
+                raise ValueError(
+                    f"`save_best_on` {self.save_best_on!r} needs a validation split; set `validation_split`"
+                )
         if self.max_grad_norm < 0:
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+BEST_METRIC_LOSSES = ("loss", "heatmap_loss", "score_loss", "sequence_loss")
+
+
+def best_metric_direction(name: str) -> str:
+    """`"min"` for a validation loss, `"max"` for a `plcc_<score>`; a ValueError listing the names otherwise."""
+    from .constants import SCORE_NAMES
+
+    if name in BEST_METRIC_LOSSES:
+        return "min"
+    if name.startswith("plcc_") and name[len("plcc_") :] in SCORE_NAMES:
+        return "max"
+    known = [*BEST_METRIC_LOSSES, *(f"plcc_{s}" for s in SCORE_NAMES)]
+    raise ValueError(f"`save_best_on` must be a validation metric, one of {known}; got {name!r}")
 
 
 def parse_training_args(argv: list[str] | None = None) -> RAHFTrainingArguments:

@@ -495,3 +495,47 @@ def test_calibrate_keyword_threshold_picks_the_best_validation_f1_greedy_on_ties
     assert model.config.keyword_threshold is None
     # a baseline without keywords is left alone
     assert calibrate_keyword_threshold(torch.nn.Linear(2, 2), None, split) is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Best checkpoint on validation
+
+
+def test_save_best_on_keeps_the_best_validation_model_and_validates_each_epoch(tiny_setup, tmp_path):
+    data, config = tiny_setup
+    out = tmp_path / "run"
+    # 16 records / batch 4 = 4 steps per epoch; 10 steps: validations at the ends of epochs 0 and 1 (steps 4, 8), at
+    # step 6 (validation_steps) and at the end (10). A high learning rate makes the validation loss move both ways.
+    summary = _run(
+        *_argv(data, config, out, "--train_batch_size", 4, "--max_train_steps", 10, "--checkpointing_steps", 0),
+        "--validation_steps",
+        "6",
+        "--validate_every_epoch",
+        "--save_best_on",
+        "score_loss",
+        "--weight_decay_all",
+        "--adam_weight_decay",
+        "0.002",
+        "--max_grad_norm",
+        "0",
+    )
+    lines = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/score_loss"] for r in lines if "val/score_loss" in r}
+    assert sorted(val) == [4, 6, 8, 10]
+    best_step = min(val, key=lambda s: (val[s], s))
+    saved = json.loads((out / "best" / "best_validation.json").read_text())
+    assert (saved["metric"], saved["step"]) == ("score_loss", best_step)
+    assert saved["value"] == pytest.approx(val[best_step])
+    assert summary["best"]["step"] == best_step and summary["best_dir"] == str(out / "best")
+    assert json.loads((out / "final" / "training_summary.json").read_text())["best"]["step"] == best_step
+    RichFeedbackPredictor.from_pretrained(out / "best")  # a complete, loadable model
+    if best_step == 10:
+        _assert_same_weights(load_state_dict(out / "best"), load_state_dict(out / "final"))
+
+
+def test_save_best_on_names_are_checked():
+    with pytest.raises(ValueError, match="`save_best_on` must be a validation metric.*plcc_overall"):
+        parse_training_args(["--data_dir", "d", "--save_best_on", "f1"])
+    with pytest.raises(ValueError, match="needs a validation split"):
+        parse_training_args(["--data_dir", "d", "--save_best_on", "loss", "--validation_split", "none"])
+    assert parse_training_args(["--data_dir", "d", "--save_best_on", "plcc_overall"]).save_best_on == "plcc_overall"
