@@ -279,6 +279,15 @@ class RAHFConfig(PreTrainedConfig):
             Number of 3x3 convolutions in the score head before its MLP.
         score_head_hidden_size (`int`, *optional*, defaults to 512):
             Hidden width of the score head's MLP.
+        head_structure (`str`, *optional*, defaults to `"shared"`):
+            `"shared"` (the paper's Fig. 3): one heatmap head for all heatmaps and one score head for all scores.
+            `"separate"`: one head per heatmap and one per score, the heatmap heads in the first author's
+            re-implementation's structure (LayerNorm after each convolution, a residual block after each upsampling
+            stage).
+        score_head_pooling (`str`, *optional*, defaults to `"mean"`):
+            How the score head reduces its feature map before the MLP: `"mean"` (global average pool) or
+            `"flatten"` (the whole map, as the re-implementation does: the MLP's first layer then has
+            `score_head_channels * patch_grid**2` inputs).
         image_token_pool (`int`, *optional*, defaults to 1):
             Average-pool the vision tower's patch tokens over `image_token_pool` x `image_token_pool` windows before
             they join the prompt tokens. 1 (the paper's): every patch token goes to the fusion encoder. A small-patch
@@ -336,6 +345,8 @@ class RAHFConfig(PreTrainedConfig):
     score_head_channels: int = 256
     score_head_num_convs: int = 6
     score_head_hidden_size: int = 512
+    head_structure: Literal["shared", "separate"] = "shared"
+    score_head_pooling: Literal["mean", "flatten"] = "mean"
     image_token_pool: int = 1
     decoder_attends_to: Literal["all", "text"] = "all"
     keyword_threshold: float | None = None
@@ -377,6 +388,8 @@ class RAHFConfig(PreTrainedConfig):
         ):
             setattr(self, name, check_int(name, getattr(self, name), minimum=minimum, example=example))
         self.decoder_attends_to = _check_choice("decoder_attends_to", self.decoder_attends_to, ("all", "text"))
+        self.head_structure = _check_choice("head_structure", self.head_structure, ("shared", "separate"))
+        self.score_head_pooling = _check_choice("score_head_pooling", self.score_head_pooling, ("mean", "flatten"))
         if self.keyword_threshold is not None:
             threshold = check_real(
                 "keyword_threshold", self.keyword_threshold, example=0.5, none_means="greedy decoding"

@@ -104,21 +104,118 @@ class RAHFHeatmapHead(nn.Module):
 
 
 class RAHFScoreHead(nn.Module):
-    """Feature map -> 3x3 convs -> global average pool -> MLP -> sigmoid."""
+    """Feature map -> 3x3 convs -> global average pool (or, with `pooling="flatten"`, the whole map flattened) -> MLP
+    -> sigmoid."""
 
-    def __init__(self, in_channels: int, channels: int, num_convs: int, hidden_size: int, num_scores: int):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_convs: int,
+        hidden_size: int,
+        num_scores: int,
+        pooling: str = "mean",
+        grid: int | None = None,
+    ):
         super().__init__()
+        if pooling not in ("mean", "flatten") or (pooling == "flatten" and not grid):
+            raise ValueError(f"`pooling` must be 'mean', or 'flatten' with the feature map's `grid`, got {pooling!r}")
+        self.pooling = pooling
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(num_convs):
             layers += [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU()]
             c = channels
         self.convs = nn.Sequential(*layers)
-        self.mlp = nn.Sequential(nn.Linear(c, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_scores))
+        width = c * grid * grid if pooling == "flatten" else c
+        self.mlp = nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_scores))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = self.convs(features).mean(dim=(2, 3))  # (B, C)
+        x = self.convs(features)  # (B, C, g, g)
+        pooled = x.flatten(1) if self.pooling == "flatten" else x.mean(dim=(2, 3))  # (B, C * g * g) or (B, C)
         return torch.sigmoid(self.mlp(pooled))
+
+
+class RAHFLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class RAHFResidualBlock(nn.Module):
+    """x + (conv 3x3 -> LayerNorm -> ReLU -> conv 3x3 -> LayerNorm)(x), then ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            RAHFLayerNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            RAHFLayerNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class RAHFSeparateHeatmapHead(nn.Module):
+    """One heatmap's head in the re-implementation's structure: a wide 3x3 convolution with LayerNorm, then upsampling
+    stages (a stride-2 transposed convolution with LayerNorm, then a residual block), a 1x1 convolution to one channel,
+    resized to `heatmap_size`: the heatmap's logits."""
+
+    def __init__(self, in_channels: int, channels: int, grid: int, heatmap_size: int):
+        super().__init__()
+        self.heatmap_size = heatmap_size
+        num_up = max(0, math.ceil(math.log2(heatmap_size / grid))) if heatmap_size > grid else 0
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 3, padding=1),
+            RAHFLayerNorm2d(channels),
+            nn.ReLU(),
+        ]
+        c = channels
+        for _ in range(num_up):
+            c_out = max(c // 2, 8)
+            layers += [
+                nn.ConvTranspose2d(c, c_out, 4, stride=2, padding=1),
+                RAHFLayerNorm2d(c_out),
+                nn.ReLU(),
+                RAHFResidualBlock(c_out),
+            ]
+            c = c_out
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c, 1, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.out(self.body(features))  # (B, 1, H', W')
+        if logits.shape[-1] != self.heatmap_size:
+            logits = F.interpolate(logits, size=(self.heatmap_size,) * 2, mode="bilinear", align_corners=False)
+        return logits
+
+
+class RAHFHeadSet(nn.Module):
+    """One head per output (`config.head_structure = "separate"`): all of them stacked along dim 1, or, given
+    `head_index` (one per row), each row through its own head."""
+
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features: torch.Tensor, head_index: torch.Tensor | None = None) -> torch.Tensor:
+        if head_index is None:
+            return torch.cat([head(features) for head in self.heads], dim=1)  # (B, n, ...)
+        out = None
+        for k, head in enumerate(self.heads):
+            rows = torch.nonzero(head_index == k).flatten()
+            if not len(rows):
+                continue
+            pred = head(features[rows])  # (R_k, 1, ...)
+            if out is None:
+                out = pred.new_zeros((features.shape[0], *pred.shape[1:]))
+            out = out.index_copy(0, rows, pred)
+        assert out is not None, "head_index selects no head"
+        return out  # (B, 1, ...)
 
 
 class KeywordMarkerThresholdLogitsProcessor(LogitsProcessor):
@@ -292,24 +389,37 @@ class RAHFModel(RAHFPreTrainedModel):
         d_model = config.text_config.d_model
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, d_model)
         multi = config.variant == "multi_head"
-        self.heatmap_head = RAHFHeatmapHead(
-            d_model,
-            config.heatmap_head_channels,
-            config.patch_grid,
-            config.heatmap_size,
-            len(config.heatmap_names) if multi else 1,
-        )
-        self.score_head = RAHFScoreHead(
-            d_model,
-            config.score_head_channels,
-            config.score_head_num_convs,
-            config.score_head_hidden_size,
-            len(config.score_names) if multi else 1,
-        )
+        score_args = (config.score_head_channels, config.score_head_num_convs, config.score_head_hidden_size)
+        score_kwargs = {"pooling": config.score_head_pooling, "grid": config.patch_grid}
+        if config.head_structure == "separate":
+            self.heatmap_head = RAHFHeadSet(
+                [
+                    RAHFSeparateHeatmapHead(
+                        d_model, config.heatmap_head_channels, config.patch_grid, config.heatmap_size
+                    )
+                    for _ in config.heatmap_names
+                ]
+            )
+            self.score_head = RAHFHeadSet(
+                [RAHFScoreHead(d_model, *score_args, 1, **score_kwargs) for _ in config.score_names]
+            )
+        else:
+            self.heatmap_head = RAHFHeatmapHead(
+                d_model,
+                config.heatmap_head_channels,
+                config.patch_grid,
+                config.heatmap_size,
+                len(config.heatmap_names) if multi else 1,
+            )
+            self.score_head = RAHFScoreHead(
+                d_model, *score_args, len(config.score_names) if multi else 1, **score_kwargs
+            )
         for head in (self.visual_projection, self.heatmap_head, self.score_head):
             for m in head.modules():
                 m._rahf_own = True
-        self.heatmap_head.out._rahf_heatmap_out = True
+            for m in head.modules():
+                if isinstance(m, (RAHFHeatmapHead, RAHFSeparateHeatmapHead)):
+                    m.out._rahf_heatmap_out = True
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -484,11 +594,14 @@ class RAHFModel(RAHFPreTrainedModel):
             rows_k = torch.nonzero(task_ids == cfg.task_names.index(KEYWORDS_TASK)).flatten()
             heatmap_logits = fused.new_full((batch_size, num_h, size, size), float("nan"))
             scores = fused.new_full((batch_size, num_s), float("nan"))
+            separate = cfg.head_structure == "separate"  # then each task row goes through its own head
             if len(rows_h):
-                pred = self.heatmap_head(feature_map[rows_h])[:, 0]  # (R_h, S, S)
+                index = (task_ids[rows_h],) if separate else ()
+                pred = self.heatmap_head(feature_map[rows_h], *index)[:, 0]  # (R_h, S, S)
                 heatmap_logits = heatmap_logits.index_put((image_index[rows_h], task_ids[rows_h]), pred)
             if len(rows_s):
-                pred = self.score_head(feature_map[rows_s])[:, 0]  # (R_s,)
+                index = (task_ids[rows_s] - num_h,) if separate else ()
+                pred = self.score_head(feature_map[rows_s], *index)[:, 0]  # (R_s,)
                 scores = scores.index_put((image_index[rows_s], task_ids[rows_s] - num_h), pred)
 
         heatmaps = torch.sigmoid(heatmap_logits)  # NaN (a task not asked for) stays NaN

@@ -222,3 +222,73 @@ def test_image_token_pool_averages_the_tower_grid(tmp_path, tower):
     torch.testing.assert_close(again(**batch).scores, model(**batch).scores)
     with pytest.raises(ValueError, match="image_token_pool"):
         tiny_rahf_config(image_token_pool=3)  # a 4x4 grid
+
+
+# --- separate heads (head_structure="separate") and flattening score heads ------------------------------------------
+
+SEPARATE = {"head_structure": "separate", "score_head_pooling": "flatten"}
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_separate_heads_shapes_gradients_and_round_trip(tmp_path, variant):
+    from rahf.modeling_rahf import RAHFHeadSet, RAHFLayerNorm2d, RAHFResidualBlock
+
+    model = tiny_rahf_model(variant, **SEPARATE).train()
+    processor = tiny_rahf_processor(variant, **SEPARATE)
+    assert isinstance(model.heatmap_head, RAHFHeadSet) and len(model.heatmap_head.heads) == 2
+    assert isinstance(model.score_head, RAHFHeadSet) and len(model.score_head.heads) == 4
+    kinds = {type(m) for m in model.heatmap_head.modules()}
+    assert RAHFLayerNorm2d in kinds and RAHFResidualBlock in kinds
+    grid, channels = model.config.patch_grid, model.config.score_head_channels
+    assert model.score_head.heads[0].mlp[0].in_features == channels * grid * grid  # the map flattened
+    batch = make_batch(processor)
+    out = model(**batch, **labels_for(model))
+    assert out.heatmaps.shape == (2, 2, 16, 16) and out.scores.shape == (2, 4)
+    assert torch.isfinite(out.heatmaps).all() and torch.isfinite(out.scores).all()
+    out.loss.backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
+    assert not missing, missing
+
+    model.eval().save_pretrained(tmp_path)
+    loaded = RAHFModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.head_structure == "separate" and loaded.config.score_head_pooling == "flatten"
+    with torch.no_grad():
+        a, b = model(**batch), loaded(**batch)
+    for name in ("heatmaps", "scores"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
+def test_each_output_has_its_own_head_and_augmented_rows_use_theirs():
+    model = tiny_rahf_model("multi_head", head_structure="separate").eval()
+    batch = make_batch(tiny_rahf_processor("multi_head", head_structure="separate"))
+    with torch.no_grad():
+        before = model(**batch)
+        model.score_head.heads[2].mlp[-1].bias.add_(5.0)  # only aesthetics' head changes
+        after = model(**batch)
+    changed = (after.scores - before.scores).abs().amax(0)
+    assert changed[2] > 0 and changed[[0, 1, 3]].abs().max() == 0
+    torch.testing.assert_close(after.heatmaps, before.heatmaps, rtol=0, atol=0)
+
+    model = tiny_rahf_model("augmented_prompt", head_structure="separate").eval()
+    processor = tiny_rahf_processor("augmented_prompt", head_structure="separate")
+    enc = processor(images=[Image.new("RGB", (20, 20))] * 2, text=PROMPTS, tasks=["misalignment", "overall"])
+    with torch.no_grad():
+        out = model(**enc)
+        image_embeds = model.get_image_features(enc["pixel_values"])[torch.tensor([0, 0, 1, 1])]  # one per row
+        features = model._feature_map(model.fuse(image_embeds, enc["input_ids"], enc["attention_mask"])[0])
+    assert torch.isnan(out.scores[:, :3]).all() and torch.isfinite(out.scores[:, 3]).all()
+    with torch.no_grad():
+        # image 0's "overall" row (task row 1) through the overall head, and nothing else
+        want = model.score_head.heads[3](features[1:2])[0, 0]
+    torch.testing.assert_close(out.scores[0, 3], want)
+
+
+def test_shared_heads_stay_the_default_and_bad_head_options_are_named():
+    config = tiny_rahf_config()
+    assert (config.head_structure, config.score_head_pooling) == ("shared", "mean")
+    with pytest.raises(ValueError, match="head_structure"):
+        tiny_rahf_config(head_structure="split")
+    with pytest.raises(ValueError, match="score_head_pooling"):
+        tiny_rahf_config(score_head_pooling="max")
