@@ -539,3 +539,29 @@ def test_save_best_on_names_are_checked():
     with pytest.raises(ValueError, match="needs a validation split"):
         parse_training_args(["--data_dir", "d", "--save_best_on", "loss", "--validation_split", "none"])
     assert parse_training_args(["--data_dir", "d", "--save_best_on", "plcc_overall"]).save_best_on == "plcc_overall"
+
+
+def test_reimpl_presets_say_what_they_set():
+    from rahf import RAHFConfig, RAHFModel
+
+    args = parse_training_args(["--config", "configs/train/richhf18k_reimpl.yaml"])
+    assert (args.learning_rate, args.lr_end, args.lr_scheduler, args.train_batch_size) == (2e-5, 1e-5, "cosine", 8)
+    assert (args.num_train_epochs, args.adam_weight_decay, args.weight_decay_all) == (30, 2e-3, True)
+    assert (args.mixed_precision, args.allow_tf32, args.max_grad_norm, args.augment) == ("no", False, 0.0, False)
+    assert args.validate_every_epoch and args.save_best_on == "loss"
+    assert args.model_config.endswith("configs/model/base_reimpl.json")
+
+    def head_parameters(preset: str) -> int:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = RAHFModel(RAHFConfig.from_json_file(preset))
+        return sum(p.numel() for head in (model.heatmap_head, model.score_head) for p in head.parameters())
+
+    # The numbers the presets' comments state.
+    assert round(head_parameters("configs/model/base_reimpl.json") / 1e6) == 108
+    assert round(head_parameters("configs/model/base.json") / 1e6, 1) == 7.3
+    config = RAHFConfig.from_json_file("configs/model/base_reimpl.json")
+    assert (config.head_structure, config.score_head_pooling, config.decoder_attends_to) == (
+        "separate",
+        "flatten",
+        "text",
+    )
