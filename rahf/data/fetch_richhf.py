@@ -4,7 +4,7 @@ The release holds labels only; its images and prompts are in Pick-a-Pic v1, abou
 model hub. This command reads the release's TFRecords, takes the uids it needs, and reads from each shard only what
 finds them: the parquet footer, the `caption` / `image_0_uid` / `image_1_uid` columns of each row group, and the image
 column (`jpg_0` or `jpg_1`) of the row groups that hold a needed uid, never a whole shard. One shard at a time, so
-memory stays at one row group.
+memory stays at one row group. The row group is the unit: what is skipped depends on the shards' row-group size.
 
 ```bash
 rahf data fetch-richhf --tfrecords richhf-18k/ --out data/richhf18k               # from the hub
