@@ -102,8 +102,23 @@ def decode_keyword_indices(generated: str, words: Sequence[str]) -> list[int]:
     The generation is aligned to the prompt words with an edit-distance alignment, so that a model that drops,
     repeats or misspells words still marks the right ones; a `0` that follows a word marks it. The escaped form
     `[0]` (and, from a model that forgot the escape, a bare `0` where the prompt has one) aligns to a prompt word `0`.
+
+    A prompt word with whitespace inside (`"red\\ncat"`: the release splits on the plain space only) comes back from
+    the T5 tokenizer, which normalises whitespace, as several words (`"red cat"`): each word is aligned piece by
+    piece, and a marker after any of its pieces marks it.
     """
-    gen = split_prompt_words(generated)
+    pieces: list[str] = []
+    owner: list[int] = []
+    for index, word in enumerate(words):
+        parts = word.split() or [word]  # a word of whitespace only stays one piece (the model never writes it)
+        pieces += parts
+        owner += [index] * len(parts)
+    gen = [piece for word in split_prompt_words(generated) for piece in (word.split() or [word])]
+    return sorted({owner[k] for k in _aligned_marks(pieces, gen)})
+
+
+def _aligned_marks(words: Sequence[str], gen: Sequence[str]) -> set[int]:
+    """Indices of `words` that a `0` in `gen` marks, by the edit-distance alignment of `decode_keyword_indices`."""
     n, m = len(words), len(gen)
     targets = [_norm(w) for w in words]
     inf = float("inf")
@@ -149,4 +164,4 @@ def decode_keyword_indices(generated: str, words: Sequence[str]) -> list[int]:
         kind, i, j, s = move
         if kind == "mark":
             marked.add(i - 1)
-    return sorted(marked)
+    return marked

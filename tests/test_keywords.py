@@ -109,3 +109,15 @@ def test_blank_prompt_and_replace_word_with_unusual_whitespace() -> None:
     assert not is_blank_prompt("a \n")
     assert replace_prompt_word("a red\ncat, here", 1, "blue") == "a blue, here"
     assert replace_prompt_word("a\ttab", 0, "x\ty") == "x\ty"
+
+
+def test_decode_marks_words_with_whitespace_inside_after_the_tokenizer_normalised_it() -> None:
+    words = split_prompt_words("a red\ncat,\ton a\u00a0mat")
+    assert words == ["a", "red\ncat", "\ton", "a\u00a0mat"]
+    target = encode_keyword_target(words, [1, 0, 1, 0])
+    normalised = " ".join(target.split())  # what a T5 tokenizer round trip gives: any whitespace -> one space
+    assert normalised == "a red cat 0 on a mat 0"
+    assert decode_keyword_indices(normalised, words) == [1, 3]
+    assert decode_keyword_indices("a red 0 cat on a mat", words) == [1]  # a marker inside the word marks it
+    assert decode_keyword_indices(target, words) == [1, 3]
+    assert decode_keyword_indices("a \n b 0", ["a", "\n", "b"]) == [2]  # a whitespace-only word is never marked
