@@ -524,7 +524,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Adds `rahf serve`'s flags to `parser`."""
-    from .cli import _positive_int
+
+    def _positive_int(text: str) -> int:  # argparse names the flag in its message and exits 2
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+        return value
 
     parser.add_argument("--model", required=True, help="folder written by save_pretrained (model + processor)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

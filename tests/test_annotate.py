@@ -210,3 +210,13 @@ def test_several_annotators_at_once(images, tmp_path):
     )
     report = consolidate(out, images, tmp_path / "data")
     assert report["invalid"] == [] and report["valid_lines"] == 12
+
+
+@pytest.mark.slow
+def test_the_page_ships_in_the_wheel(installed_wheel):
+    import zipfile
+
+    with zipfile.ZipFile(installed_wheel.wheel) as wheel:
+        names = set(wheel.namelist())
+    for name in ("index.html", "annotate.js", "annotate.css"):
+        assert f"rahf/assets/annotate/{name}" in names

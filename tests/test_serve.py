@@ -217,6 +217,7 @@ def test_config_is_checked():
         ServeConfig(image_root="/no/such/folder")
 
 
+@pytest.mark.slow
 def test_rahf_serve_command(tmp_path):
     """The CLI end to end: a saved tiny model served on 127.0.0.1, scored, and stopped."""
     model, processor = tiny_rahf_model(), tiny_rahf_processor()
