@@ -106,3 +106,15 @@ def test_bad_exports(tmp_path):
     (tmp_path / "nosize.json").write_text(json.dumps([task]))
     report = from_label_studio(tmp_path / "nosize.json", tmp_path / "o.jsonl")
     assert report["lines"] == 1 and any("--images" in r for r in report["skipped"])
+
+
+def test_malformed_results_are_skipped_with_their_reason(tmp_path):
+    task = json.loads(EXPORT.read_text())[0]
+    del task["annotations"][0]["result"][0]["value"]["x"]  # a keypoint without x
+    task["annotations"][1]["result"][0]["value"] = "five"  # a rating that is not an object
+    task["annotations"].append("not an annotation")
+    (tmp_path / "bad.json").write_text(json.dumps([task]))
+    report = from_label_studio(tmp_path / "bad.json", tmp_path / "o.jsonl")
+    assert report["lines"] == 0
+    reasons = " | ".join(report["skipped"])
+    assert "a malformed result (KeyError" in reasons and "not an object" in reasons

@@ -117,6 +117,9 @@ def label_studio_task_to_records(
     latest: dict[str, tuple[str, dict]] = {}
     skipped = []
     for annotation in task.get("annotations") or []:
+        if not isinstance(annotation, dict):
+            skipped.append(f"task {task_id}: an annotation that is not an object")
+            continue
         where = f"task {task_id} annotation {annotation.get('id')}"
         if annotation.get("was_cancelled"):
             skipped.append(f"{where}: cancelled")
@@ -126,27 +129,32 @@ def label_studio_task_to_records(
             skipped.append(f"{where}: no completed_by (annotator)")
             continue
         points, words, scores, reason = [], set(), {}, None
-        for result in annotation.get("result") or []:
-            name, value = result.get("from_name"), result.get("value") or {}
-            if name == POINTS_CONTROL and result.get("type") == "keypointlabels":
-                if result.get("image_rotation", 0) not in (0, None):
-                    reason = "points on a rotated image (image_rotation != 0) are not supported"
-                    break
-                size = _image_size(result, image, images_dir)
-                if size is None:
-                    reason = "a point without original_width/original_height (pass --images to read the image size)"
-                    break
-                for kind in value.get("keypointlabels") or []:
-                    if kind in HEATMAP_NAMES:
-                        points.append(
-                            {"x": _pixel(value["x"], size[0]), "y": _pixel(value["y"], size[1]), "kind": kind}
+        try:
+            for result in annotation.get("result") or []:
+                name, value = result.get("from_name"), result.get("value") or {}
+                if name == POINTS_CONTROL and result.get("type") == "keypointlabels":
+                    if result.get("image_rotation", 0) not in (0, None):
+                        reason = "points on a rotated image (image_rotation != 0) are not supported"
+                        break
+                    size = _image_size(result, image, images_dir)
+                    if size is None:
+                        reason = (
+                            "a point without original_width/original_height (pass --images to read the image size)"
                         )
-            elif name == WORDS_CONTROL and result.get("type") == "labels":
-                if WORDS_LABEL in (value.get("labels") or []):
-                    start, end = value.get("start"), value.get("end")
-                    words.update(i for i, (s, e) in enumerate(spans) if s < end and e > start)
-            elif name in SCORE_NAMES and result.get("type") == "rating":
-                scores[name] = value.get("rating")
+                        break
+                    for kind in value.get("keypointlabels") or []:
+                        if kind in HEATMAP_NAMES:
+                            points.append(
+                                {"x": _pixel(value["x"], size[0]), "y": _pixel(value["y"], size[1]), "kind": kind}
+                            )
+                elif name == WORDS_CONTROL and result.get("type") == "labels":
+                    if WORDS_LABEL in (value.get("labels") or []):
+                        start, end = value.get("start"), value.get("end")
+                        words.update(i for i, (s, e) in enumerate(spans) if s < end and e > start)
+                elif name in SCORE_NAMES and result.get("type") == "rating":
+                    scores[name] = value.get("rating")
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as err:  # not as Label Studio writes it
+            reason = f"a malformed result ({type(err).__name__}: {err})"
         missing = [n for n in SCORE_NAMES if n not in scores]
         if reason is None and missing:
             reason = f"no rating for {missing}"
