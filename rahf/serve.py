@@ -18,7 +18,9 @@ concurrent requests cannot mix. An answer equals `RichFeedbackPredictor` on the 
 rounding (the rows of a batch are computed together; measured differences are ~1e-7) and the same misaligned words.
 
 Limits, each answered before any model work: the body size (`--max_body_bytes`, 413), images per request
-(`--max_images`, 413), the pixel cap of `rahf.image_io` (413), the number of images waiting (`--max_queue`, 503).
+(`--max_images`, 413), the pixel cap of `rahf.image_io` per image and `--max_request_pixels` for all of a request's
+images (413, both read from the headers before anything is decoded), the number of images waiting (`--max_queue`,
+503).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -65,6 +68,7 @@ __all__ = [
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # 64 MiB: dozens of 1024 px PNGs, base64-encoded
 DEFAULT_MAX_IMAGES = 64
+DEFAULT_MAX_REQUEST_PIXELS = 200_000_000  # 64 images of 1,770 x 1,770; a 24 MP photo; ~600 MB decoded as RGB
 HEATMAP_FORMATS = ("png", "array")
 # The file signatures of the formats the server decodes; anything else is refused before Pillow sees it.
 _SIGNATURES = {"PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "WebP": (b"RIFF",)}
@@ -88,6 +92,8 @@ class ServeConfig:
         max_body_bytes (`int`, *optional*, defaults to 64 MiB): the largest request body accepted.
         max_images (`int`, *optional*, defaults to 64): the most images in one request.
         max_queue (`int`, *optional*, defaults to 1024): the most images waiting; more are answered 503.
+        max_request_pixels (`int`, *optional*, defaults to 200,000,000): the most pixels of all a request's images
+            together, read from their headers before any is decoded (about 600 MB as RGB).
         image_root (`str`, *optional*): the folder whose files requests may name in `"paths"`; None refuses paths.
         max_image_pixels (`int`, *optional*): the pixel cap (default: `rahf.image_io.max_image_pixels()`).
     """
@@ -97,11 +103,12 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_images: int = DEFAULT_MAX_IMAGES
     max_queue: int = 1024
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     image_root: str | None = None
     max_image_pixels: int | None = None
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_body_bytes", "max_images", "max_queue"):
+        for name in ("max_batch_size", "max_body_bytes", "max_images", "max_queue", "max_request_pixels"):
             _check_positive_int(getattr(self, name), name)
         if (
             isinstance(self.max_wait_ms, bool)
@@ -126,7 +133,7 @@ def _check_positive_int(value: Any, name: str) -> int:
 # Requests
 
 
-def _decode_base64_image(text: Any, where: str, cap: int) -> Image.Image:
+def _base64_bytes(text: Any, where: str) -> bytes:
     if not isinstance(text, str):
         raise HTTPError(400, f"{where} must be a base64 string, got {type(text).__name__}")
     if text.startswith("data:") and "," in text:  # a data URL, as a browser writes it
@@ -135,14 +142,32 @@ def _decode_base64_image(text: Any, where: str, cap: int) -> Image.Image:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPError(400, f"{where} is not valid base64") from None
-    return _decode_image_bytes(data, where, cap)
+    return data
 
 
-def _decode_image_bytes(data: bytes, where: str, cap: int) -> Image.Image:
+def _header_pixels(data: bytes, where: str, cap: int) -> int:
+    """width x height from the file's header (nothing decoded), after checking that it is a PNG, JPEG or WebP."""
     if not any(data.startswith(sig) for sigs in _SIGNATURES.values() for sig in sigs) or (
         data.startswith(b"RIFF") and data[8:12] != b"WEBP"
     ):
         raise HTTPError(400, f"{where} is not a PNG, JPEG or WebP file (its first bytes are {data[:8]!r})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise HTTPError(413, f"{where}: {err}") from None
+    except Exception as err:  # Pillow raises many types on bad headers
+        raise HTTPError(400, f"{where}: could not read it as an image ({type(err).__name__}: {err})") from None
+    if width * height > cap:
+        raise HTTPError(
+            413, f"{where} is {width} x {height} = {width * height:,} pixels, more than the cap of {cap:,} per image"
+        )
+    return width * height
+
+
+def _decode_image_bytes(data: bytes, where: str, cap: int) -> Image.Image:
     from .processing_rahf import load_image
 
     try:
@@ -153,7 +178,7 @@ def _decode_image_bytes(data: bytes, where: str, cap: int) -> Image.Image:
         raise HTTPError(400, f"{where}: {err}") from None
 
 
-def _read_image_path(path: Any, where: str, root: Path | None, cap: int) -> Image.Image:
+def _read_image_path(path: Any, where: str, root: Path | None, max_bytes: int) -> bytes:
     if root is None:
         raise HTTPError(403, f"{where}: this server reads no paths (start it with --image_root DIR); send images")
     if not isinstance(path, str) or not path:
@@ -164,10 +189,12 @@ def _read_image_path(path: Any, where: str, root: Path | None, cap: int) -> Imag
     if not resolved.is_file():
         raise HTTPError(404, f"{where} {path!r} is not a file under the server's image root")
     try:
+        if resolved.stat().st_size > max_bytes:  # a file is held to the body's limit
+            raise HTTPError(413, f"{where} {path!r} is larger than the limit of {max_bytes:,} bytes")
         data = resolved.read_bytes()
     except OSError as err:
         raise HTTPError(404, f"{where} {path!r} could not be read ({err.strerror})") from None
-    return _decode_image_bytes(data, where, cap)
+    return data
 
 
 def parse_score_request(body: bytes, config: ServeConfig) -> tuple[list[Image.Image], list[str], str | None]:
@@ -220,9 +247,17 @@ def parse_score_request(body: bytes, config: ServeConfig) -> tuple[list[Image.Im
     cap = config.max_image_pixels
     root = Path(config.image_root).resolve() if config.image_root is not None else None
     if key == "images":
-        images = [_decode_base64_image(item, f"images[{i}]", cap) for i, item in enumerate(items)]
+        blobs = [_base64_bytes(item, f"images[{i}]") for i, item in enumerate(items)]
     else:
-        images = [_read_image_path(item, f"paths[{i}]", root, cap) for i, item in enumerate(items)]
+        blobs = [_read_image_path(item, f"paths[{i}]", root, config.max_body_bytes) for i, item in enumerate(items)]
+    wheres = [f"{key}[{i}]" for i in range(len(blobs))]
+    # Headers first: many small files that each decode to a large image must not be decoded at all.
+    total = sum(_header_pixels(blob, where, cap) for blob, where in zip(blobs, wheres))
+    if total > config.max_request_pixels:
+        raise HTTPError(
+            413, f"the images hold {total:,} pixels in all, more than the limit of {config.max_request_pixels:,}"
+        )
+    images = [_decode_image_bytes(blob, where, cap) for blob, where in zip(blobs, wheres)]
     return images, prompts, heatmaps
 
 
@@ -545,6 +580,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_body_bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--max_images", type=_positive_int, default=DEFAULT_MAX_IMAGES, help="images per request")
     parser.add_argument("--max_queue", type=_positive_int, default=1024, help="images waiting before 503s")
+    parser.add_argument(
+        "--max_request_pixels", type=_positive_int, default=DEFAULT_MAX_REQUEST_PIXELS, help="all images of a request"
+    )
     parser.add_argument("--image_root", default=None, help='folder that requests may name files under ("paths")')
     parser.add_argument("--max_image_pixels", type=_positive_int, default=None)
 
@@ -560,6 +598,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_images=args.max_images,
         max_queue=args.max_queue,
+        max_request_pixels=args.max_request_pixels,
         image_root=args.image_root,
         max_image_pixels=args.max_image_pixels,
     )

@@ -159,20 +159,23 @@ BAD_REQUESTS = [
     ("unknown key", json.dumps({"images": [PNG], "prompts": ["a"], "seed": 1}).encode(), 400, "unknown keys"),
     ("bad heatmaps", json.dumps({"images": [PNG], "prompts": ["a"], "heatmaps": "jpeg"}).encode(), 400, '"heatmaps"'),
     ("too many pixels", json.dumps({"images": [encode_image(Image.new("L", (5000, 5000)))], "prompts": ["a"]}).encode(),
-     413, "more than the cap"),
+     413, "more than the cap of 1,000,000 per image"),
+    ("pixels of a request", json.dumps({"images": [encode_image(Image.new("L", (1000, 1000)))] * 2, "prompts": ["a"]})
+     .encode(), 413, "2,000,000 pixels in all, more than the limit of 1,500,000"),
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def small_cap_server(predictor):
     # A pixel cap of 1 MP so that a 25 MP image (a 25 kB PNG of one colour) stands for a decompression bomb.
-    with run_in_thread(predictor, ServeConfig(max_images=8, max_image_pixels=1_000_000)) as running:
+    config = ServeConfig(max_images=8, max_image_pixels=1_000_000, max_request_pixels=1_500_000)
+    with run_in_thread(predictor, config) as running:
         yield running
 
 
 @pytest.mark.parametrize("name,body,status,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_a_4xx_with_a_message(server, small_cap_server, name, body, status, message):
-    target = small_cap_server if name == "too many pixels" else server
+    target = small_cap_server if "pixels" in name else server
     code, answer = post(target.url, body)
     assert code == status, answer
     assert message in answer["error"], answer["error"]
