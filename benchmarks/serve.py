@@ -94,6 +94,7 @@ def load(url: str, payloads: list[list[bytes]]) -> dict:
 
 def bad_requests(png: str) -> list[tuple[str, bytes]]:
     big = json.dumps({"images": ["A" * 2_000_000], "prompts": ["a"]}).encode()
+    bomb = encode_image(Image.new("L", (4000, 4000)))  # ~20 kB that decodes to 16 MP
     return [
         ("non-image bytes", json.dumps({"images": [base64.b64encode(b"hello world").decode()], "prompts": ["a"]})),
         ("truncated PNG", json.dumps({"images": [png[:100]], "prompts": ["a"]})),
@@ -103,6 +104,7 @@ def bad_requests(png: str) -> list[tuple[str, bytes]]:
         ("prompts 2 vs images 3", json.dumps({"images": [png] * 3, "prompts": ["a", "b"]})),
         ("body over the limit (2 MB vs 1 MB)", big),
         ("65 images (limit 64)", json.dumps({"images": [png] * 65, "prompts": ["a"]})),
+        ("20 images of 4000 x 4000 (320 MP, limit 200 MP)", json.dumps({"images": [bomb] * 20, "prompts": ["a"]})),
         ("path outside the root", json.dumps({"paths": ["../../etc/passwd"], "prompts": ["a"]})),
         ("absolute path", json.dumps({"paths": ["/etc/passwd"], "prompts": ["a"]})),
         ("not JSON", "{prompts: ["),

@@ -406,6 +406,18 @@ class DynamicBatcher:
 # The app
 
 
+# A body over the limit is read on and thrown away up to this much, so that the client, still sending, reads the 413
+# and its message instead of a broken pipe; beyond it the server answers and closes at once.
+DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def _drain(request, consumed: int) -> None:
+    async for chunk in request.stream():
+        consumed += len(chunk)
+        if consumed > DRAIN_BYTES:
+            return
+
+
 async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -414,11 +426,15 @@ async def _read_body(request, limit: int) -> bytes:
         except ValueError:
             raise HTTPError(400, f"Content-Length {declared!r} is not a number") from None
         if declared_size > limit:
+            if declared_size <= limit + DRAIN_BYTES:
+                await _drain(request, 0)
             raise HTTPError(413, f"the body is {declared_size:,} bytes, more than the limit of {limit:,}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            chunks.clear()
+            await _drain(request, size - limit)
             raise HTTPError(413, f"the body is more than the limit of {limit:,} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
