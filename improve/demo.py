@@ -43,8 +43,8 @@ class DemoBudget:
     # `rahf efficacy` at a reduced size, with the shipped generator and judge and the RAHF trained above
     efficacy: dict[str, Any] = field(
         default_factory=lambda: {
-            "num_prompts": 40, "seeds_per_prompt": 1, "num_selection_prompts": 48, "num_images_per_prompt": 8,
-            "finetune_steps": 150, "repair_images": 12, "guidance_prompts": 16, "reward_guidance_scales": [1.0, 2.0],
+            "num_prompts": 24, "seeds_per_prompt": 1, "num_selection_prompts": 32, "num_images_per_prompt": 8,
+            "finetune_steps": 100, "repair_images": 8, "guidance_prompts": 8, "reward_guidance_scales": [2.0],
         }
     )  # fmt: skip
 

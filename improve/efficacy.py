@@ -15,7 +15,7 @@ Held-out prompts are drawn from the synthetic grammar by `--seed` (as are every 
 controls), apart from the selection prompts and from every prompt the generator trained on.
 
 ```bash
-rahf efficacy --out efficacy --seed 0                  # all three, the defaults (about 20 minutes on 2 CPU cores)
+rahf efficacy --out efficacy --seed 0                  # all three, the defaults (27 min on one CPU core)
 rahf efficacy --out efficacy-s1 --seed 1 --num_prompts 50
 rahf efficacy --out efficacy-all --summarize efficacy efficacy-s1   # the seeds side by side: mean and spread
 ```
