@@ -167,6 +167,14 @@ class AnnotationStore:
     """The output JSONL, one line per (image, annotator), held in memory and rewritten whole on each change.
 
     Lines it did not write (another tool's, or ones it cannot read) are kept as they are, in place.
+
+    Examples:
+
+    ```python
+    >>> store = AnnotationStore("annotations.jsonl")
+    >>> store.put(record)             # a raw annotation line as a dict; replaces (uid, annotator)'s earlier one
+    >>> store.get("img-0001", "ann")  # the line back, or None
+    ```
     """
 
     def __init__(self, path: str | Path):

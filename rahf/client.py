@@ -68,6 +68,14 @@ class RAHFClient:
     Args:
         url (`str`, *optional*, defaults to `"http://127.0.0.1:8000"`): the server's address.
         timeout (`float`, *optional*, defaults to 120): seconds to wait for one answer.
+
+    Examples:
+
+    ```python
+    >>> client = RAHFClient("http://127.0.0.1:8000")
+    >>> [result] = client.score([Image.open("cat.png")], "a cat on a table")
+    >>> result["scores"]["plausibility"], result["misaligned_words"]
+    ```
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 120.0):

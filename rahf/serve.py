@@ -96,6 +96,12 @@ class ServeConfig:
             together, read from their headers before any is decoded (about 600 MB as RGB).
         image_root (`str`, *optional*): the folder whose files requests may name in `"paths"`; None refuses paths.
         max_image_pixels (`int`, *optional*): the pixel cap (default: `rahf.image_io.max_image_pixels()`).
+
+    Examples:
+
+    ```python
+    >>> app = create_app(predictor, ServeConfig(max_batch_size=16, max_wait_ms=5, image_root="/data/generated"))
+    ```
     """
 
     max_batch_size: int = 8

@@ -220,3 +220,49 @@ def test_the_page_ships_in_the_wheel(installed_wheel):
         names = set(wheel.namelist())
     for name in ("index.html", "annotate.js", "annotate.css"):
         assert f"rahf/assets/annotate/{name}" in names
+
+
+@pytest.mark.slow
+def test_rahf_annotate_command(images, tmp_path):
+    """The CLI end to end: `rahf annotate` on 127.0.0.1 serves the page and takes a submission."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "annotations.jsonl"
+    command = [
+        sys.executable,
+        "-m",
+        "rahf",
+        "annotate",
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert call(url, "/api/config")[1]["total"] == 2
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+        body = {"annotator": "ann", "index": 1, "points": [], "misaligned_word_indices": [2], "scores": SCORES}
+        assert call(url, "/api/annotation", body)[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert (line["uid"], line["misaligned_word_indices"]) == ("sub/b", [2])
