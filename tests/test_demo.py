@@ -35,8 +35,8 @@ def test_quick_demo_writes_the_whole_report(installed_wheel, tmp_path):
         assert predictor.model.config.variant in ("multi_head", "augmented_prompt")
     assert json.loads((tmp_path / "eval" / "center_prior" / "metrics.json").read_text())["keywords"] is None
     # the sections carry numbers, not placeholders
-    guidance = text[text.index("Classifier guidance") : text.index("Best-of-N")]
-    assert "| 0.0 |" in guidance and "n/a" not in guidance
+    guidance = text[text.index("Guidance (Fig. 8)") : text.index("Against the targets")]
+    assert "| 0 |" in guidance and "| 1 |" in guidance and "nan" not in guidance
     # every picture the report links to exists
     for line in text.splitlines():
         if line.startswith("![") and "](" in line:
