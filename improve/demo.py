@@ -395,9 +395,9 @@ def _efficacy_section(model_dir: Path, out: Path, budget: DemoBudget) -> str:
     lines[0] = lines[0] + ")"
     intro = [
         "",
-        "The trained multi-head RAHF above improves the shipped tiny generator of the synthetic world, and the judge "
-        "(trained on its own scenes, never a reward) rates the result on held-out prompts, beside a control without "
-        "RAHF's information. A reduced run; `rahf efficacy` runs the full size (README, 'Does it work?').",
+        "The loops use the trained multi-head RAHF above to improve the shipped tiny generator of the synthetic world; "
+        "whether they did is rated by the judge (trained on its own scenes, never a reward) on held-out prompts, beside "
+        "a control without RAHF's information. A reduced run; `rahf efficacy` runs the full size (README, 'Does it work?').",
     ]
     return "\n".join([lines[0], *intro, *[line.replace("## ", "### ", 1) if line.startswith("## ") else line
                                            for line in lines[1:]]])  # fmt: skip

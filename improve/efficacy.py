@@ -643,23 +643,19 @@ def summarize_runs(folders: list[str | Path]) -> dict[str, Any]:
     figures: dict[str, list[float]] = {}
     met: dict[str, list[bool]] = {}
     for run in runs:
-        checks = run.get("targets") or check_targets(run)
+        checks = json.loads(json.dumps(run.get("targets") or check_targets(run)))  # a copy: popped below
+        for target, g in checks.pop("guidance", {}).items():
+            if g["best_scale"] is not None and g["best_scale"]["judged_target_change"] is not None:
+                figures.setdefault(f"guidance.{target}.judged_target_change", []).append(
+                    g["best_scale"]["judged_target_change"]
+                )
+            if g["met"] is not None:
+                met.setdefault(f"guidance.{target}", []).append(bool(g["met"]))
         for experiment, check in checks.items():
-            items = check.items() if experiment != "guidance" else []
-            for key, value in items:
-                if key == "met":
-                    for name, ok in value.items():
-                        met.setdefault(f"{experiment}.{name}", []).append(bool(ok))
-                elif isinstance(value, (int, float)):
-                    figures.setdefault(f"{experiment}.{key}", []).append(float(value))
-            if experiment == "guidance":
-                for target, g in check.items():
-                    if g["best_scale"] is not None and g["best_scale"]["judged_target_change"] is not None:
-                        figures.setdefault(f"guidance.{target}.judged_target_change", []).append(
-                            g["best_scale"]["judged_target_change"]
-                        )
-                    if g["met"] is not None:
-                        met.setdefault(f"guidance.{target}", []).append(bool(g["met"]))
+            for name, ok in check.pop("met").items():
+                met.setdefault(f"{experiment}.{name}", []).append(bool(ok))
+            for key, value in check.items():
+                figures.setdefault(f"{experiment}.{key}", []).append(float(value))
     return {
         "seeds": [run["seed"] for run in runs],
         "figures": {k: {"values": v, "mean": float(np.mean(v)), "spread": float(np.max(v) - np.min(v))}

@@ -199,6 +199,11 @@ def _components(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
     return [labels == k for k in range(1, count) if (labels == k).sum() >= min_area]
 
 
+def _majority(labels: np.ndarray, blob: np.ndarray, num_classes: int) -> int:
+    """The most frequent non-background label (1..num_classes) of `labels` inside `blob`, as a 0-based index."""
+    return int(np.bincount(labels[blob].astype(np.int64), minlength=num_classes + 1)[1:].argmax())
+
+
 def blob_crop(image: np.ndarray, blob: np.ndarray, size: int = SHAPE_CROP) -> np.ndarray:
     """The square around a blob (its bounding box and a 3 px margin) of the image (uint8 (H, W, 3)) and of the blob's
     mask, resized to `size` x `size`: float32 (4, size, size), RGB in [0, 1] then the mask."""
@@ -228,11 +233,8 @@ def objects_from_labels(
     shapes = shape_of(blobs) if shape_of is not None and blobs else None
     for k, blob in enumerate(blobs):
         ys, xs = np.nonzero(blob)
-        c = np.bincount(colour[blob], minlength=len(COLOUR_NAMES) + 1)[1:].argmax()
-        if shapes is not None:
-            s = shapes[k]
-        else:
-            s = np.bincount(shape[blob], minlength=len(SHAPE_NAMES) + 1)[1:].argmax()
+        c = _majority(colour, blob, len(COLOUR_NAMES))
+        s = shapes[k] if shapes is not None else _majority(shape, blob, len(SHAPE_NAMES))
         objects.append(
             SceneObject(COLOUR_NAMES[c], SHAPE_NAMES[s], (float(xs.mean()), float(ys.mean())), int(blob.sum()))
         )
@@ -316,9 +318,6 @@ class SynthJudge:
             arrays.append(np.asarray(image, dtype=np.uint8))
         return arrays
 
-    def _pixels(self, images) -> torch.Tensor:
-        return torch.from_numpy(np.stack(self._arrays(images)).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-
     @torch.no_grad()
     def read_shapes(self, image: np.ndarray, blobs: list[np.ndarray]) -> list[int]:
         """The shape index of each blob of `image` (uint8 (H, W, 3) at the judge's size), by the shape classifier."""
@@ -329,10 +328,14 @@ class SynthJudge:
     @torch.no_grad()
     def segment(self, images) -> list[dict[str, np.ndarray | str]]:
         """Per image: `artifact` (bool (H, W)), `colour` and `shape` (int labels, 0 background), `background`."""
+        return self._segment_arrays(self._arrays(images))
+
+    def _segment_arrays(self, arrays: list[np.ndarray]) -> list[dict[str, np.ndarray | str]]:
         out = []
         device = next(self.model.parameters()).device
-        for start in range(0, len(images), self.batch_size):
-            pixels = self._pixels(images[start : start + self.batch_size]).to(device)
+        for start in range(0, len(arrays), self.batch_size):
+            batch = np.stack(arrays[start : start + self.batch_size]).astype(np.float32) / 255.0
+            pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
             pred = self.model(pixels)
             artifact = (pred["artifact"][:, 0] > 0).cpu().numpy()
             colour = pred["colour"].argmax(1).cpu().numpy()
@@ -351,7 +354,8 @@ class SynthJudge:
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: pass one prompt per image")
         config = self.model.config
         verdicts = []
-        for image, seg, prompt in zip(self._arrays(images), self.segment(images), prompts):
+        arrays = self._arrays(images)
+        for image, seg, prompt in zip(arrays, self._segment_arrays(arrays), prompts):
             request = parse_scene_prompt(prompt)
             blobs = _components(seg["artifact"], config.min_artifact_area)
             areas = [int(b.sum()) for b in blobs]
@@ -445,7 +449,7 @@ class JudgeTrainingArguments:
     num_test: int = field(default=1000, metadata={"help": "held-out scenes of the judge's own, for its report"})
     image_size: int = field(default=64, metadata={"help": "scene side in pixels"})
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128], metadata={"help": "encoder widths"})
-    max_train_steps: int = field(default=3000, metadata={"help": "optimizer steps"})
+    max_train_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     train_batch_size: int = field(default=64, metadata={"help": "scenes per step"})
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate (cosine to a tenth)"})
     artifact_weight: float = field(default=3.0, metadata={"help": "weight of the artifact loss"})
@@ -600,18 +604,13 @@ def _shape_examples(judge: SynthJudge, scenes: dict[str, Any]) -> tuple[torch.Te
             ious = [(blob & t).sum() / (blob | t).sum() for t in truth]
             if not ious or max(ious) < 0.5:
                 continue
-            t = truth[int(np.argmax(ious))]
-            shape = int(
-                np.bincount(scenes["shape"][k][t].astype(np.int64), minlength=len(SHAPE_NAMES) + 1)[1:].argmax()
-            )
             crops.append(blob_crop(scenes["images"][k], blob))
-            labels.append(shape)
+            labels.append(_majority(scenes["shape"][k], truth[int(np.argmax(ious))], len(SHAPE_NAMES)))
     if not crops:  # a segmenter that finds nothing yet (a few steps of training): the exact blobs, so training runs
         for k in range(len(scenes["images"])):
             for blob in _components(scenes["colour"][k] > 0, min_area):
-                shape = np.bincount(scenes["shape"][k][blob].astype(np.int64), minlength=len(SHAPE_NAMES) + 1)
                 crops.append(blob_crop(scenes["images"][k], blob))
-                labels.append(int(shape[1:].argmax()))
+                labels.append(_majority(scenes["shape"][k], blob, len(SHAPE_NAMES)))
     return torch.from_numpy(np.stack(crops)), torch.tensor(labels)
 
 
