@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 # The official matcher splits on these characters and on the plain space U+0020 only (docs/reference.md, section 3):
 # a newline, a tab or a non-breaking space stays inside a word, or the word count (and so the labels) would not match.
-SEPARATORS = ',.?!":; '
-_SPLIT_RE = re.compile(r'[,.?!":; ]+')
-_WORD_RE = re.compile(r'[^,.?!":; ]+')
+_SEPARATORS = ',.?!":; '
+_SPLIT_RE = re.compile(f"[{re.escape(_SEPARATORS)}]+")
+_WORD_RE = re.compile(f"[^{re.escape(_SEPARATORS)}]+")
 
 MARKER = "0"
 # A prompt word equal to the marker is written escaped in the target so that decoding is unambiguous:
@@ -56,7 +56,7 @@ def replace_prompt_word(prompt: str, index: int, word: str) -> str:
         >>> replace_prompt_word("two red circles, above a cat.", 2, "squares")
         'two red squares, above a cat.'
     """
-    spans = [m.span() for m in _WORD_RE.finditer(prompt)]
+    spans = prompt_word_spans(prompt)
     if not 0 <= index < len(spans):
         raise ValueError(f"`index` {index} is out of range: {prompt!r} has {len(spans)} words")
     if not word or _SPLIT_RE.search(word):

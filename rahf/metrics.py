@@ -146,6 +146,14 @@ def cc(pred: np.ndarray, gt: np.ndarray) -> float:
     return _pearson(p.ravel(), g.ravel())
 
 
+def _check_non_negative(p: np.ndarray, g: np.ndarray, what: str) -> None:
+    for name, m in (("pred", p), ("gt", g)):
+        if m.min() < 0.0:
+            raise ValueError(
+                f"`{name}` has negative values (min {m.min():.4g}); {what} compares distributions, pass a non-negative map"
+            )
+
+
 def kld(pred: np.ndarray, gt: np.ndarray, protocol: str = "paper") -> float:
     """Kullback-Leibler divergence of P from G: `sum(G * log(EPS + G / (P + EPS)))`, each map divided by its sum.
 
@@ -154,11 +162,7 @@ def kld(pred: np.ndarray, gt: np.ndarray, protocol: str = "paper") -> float:
     """
     _check_protocol(protocol)
     p, g = _pair(pred, gt)
-    for name, m in (("pred", p), ("gt", g)):
-        if m.min() < 0.0:
-            raise ValueError(
-                f"`{name}` has negative values (min {m.min():.4g}); KLD compares distributions, pass a non-negative map"
-            )
+    _check_non_negative(p, g, "KLD")
     if protocol == "reimpl":
         p, g = _reimpl_distribution(p), _reimpl_distribution(g)
         return float((g * np.log(g / (p + REIMPL_EPS) + REIMPL_EPS)).sum())
@@ -176,12 +180,7 @@ def sim(pred: np.ndarray, gt: np.ndarray, protocol: str = "paper") -> float:
     _check_protocol(protocol)
     p, g = _pair(pred, gt)
     if protocol == "reimpl":
-        for name, m in (("pred", p), ("gt", g)):
-            if m.min() < 0.0:
-                raise ValueError(
-                    f"`{name}` has negative values (min {m.min():.4g}); the re-implementation's SIM compares "
-                    "distributions, pass a non-negative map"
-                )
+        _check_non_negative(p, g, "the re-implementation's SIM")
         return float(np.minimum(_reimpl_distribution(p), _reimpl_distribution(g)).sum())
     p, g = _to_distribution(_min_max(p)), _to_distribution(_min_max(g))
     return float(np.minimum(p, g).sum())
@@ -301,11 +300,11 @@ def keyword_prf(
                 raise ValueError(
                     f"`{name}[{i}]` must hold non-negative integer word indices, got {sorted(map(repr, bad))}"
                 )
-        hits += len(p_set & g_set)
+        sample_hits = len(p_set & g_set)
+        hits += sample_hits
         n_pred += len(p_set)
         n_gt += len(g_set)
         if protocol == "reimpl":
-            sample_hits = len(p_set & g_set)
             sp = sample_hits / len(p_set) if p_set else 0.0
             sr = sample_hits / len(g_set) if g_set else 0.0
             per_sample.append((sp, sr, 2 * sp * sr / (sp + sr) if sp + sr > 0 else 0.0))

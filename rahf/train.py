@@ -242,6 +242,14 @@ def _unused_parameters(model: torch.nn.Module, batch: dict[str, Any], device: to
 # Training
 
 
+def save_model_folder(folder: Path, model, processor, summary_name: str, summary: dict[str, Any]) -> None:
+    """The model, its processor and a JSON summary in `folder`, written atomically (a crash leaves the old folder)."""
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / summary_name).write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     """Runs one training job; returns a summary (`global_step`, `final_dir`, last `validation` metrics)."""
     from accelerate import Accelerator, PartialState
@@ -539,11 +547,8 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         best = {"metric": args.save_best_on, "value": value, "step": step, "epoch": epoch}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with atomic_directory(best_dir) as tmp:
-                accelerator.unwrap_model(model).save_pretrained(tmp)
-                processor.save_pretrained(tmp)
-                summary = {**best, "validation": {k: json_value(v) for k, v in metrics.items()}}
-                (tmp / BEST_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            summary = {**best, "validation": {k: json_value(v) for k, v in metrics.items()}}
+            save_model_folder(best_dir, accelerator.unwrap_model(model), processor, BEST_SUMMARY, summary)
             logger.info("step %d: best %s so far (%.5g): saved to %s", step, args.save_best_on, value, best_dir)
         accelerator.wait_for_everyone()
         return metrics
@@ -668,22 +673,14 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
                 },
                 step=global_step,
             )
-        with atomic_directory(final_dir) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-            (tmp / "training_summary.json").write_text(
-                json.dumps(
-                    {
-                        "global_step": global_step,
-                        "train_seconds": time.perf_counter() - start_time,
-                        "validation": {k: json_value(v) for k, v in last_validation.items()},
-                        "keyword_threshold_calibration": calibration,
-                        "best": best,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+        summary = {
+            "global_step": global_step,
+            "train_seconds": time.perf_counter() - start_time,
+            "validation": {k: json_value(v) for k, v in last_validation.items()},
+            "keyword_threshold_calibration": calibration,
+            "best": best,
+        }
+        save_model_folder(final_dir, accelerator.unwrap_model(model), processor, "training_summary.json", summary)
         logger.info(
             "saved the final model to %s (%d steps, %.0fs)", final_dir, global_step, time.perf_counter() - start_time
         )

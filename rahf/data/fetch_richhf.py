@@ -45,7 +45,8 @@ from urllib.parse import quote
 from tqdm.auto import tqdm
 
 from .jsonl import JSONLineError, read_jsonl
-from .richhf import SCORE_SCALES, _scan, convert_richhf, expand_tfrecord_paths
+from .richhf import SCORE_SCALES, _convert_scanned, _find_source, _scan, expand_tfrecord_paths
+from .schema import check_output_dir, prepare_output_dir
 from .tfrecord import DEFAULT_MAX_RECORD_BYTES
 
 logger = logging.getLogger(__name__)
@@ -393,22 +394,19 @@ def fetch_richhf(
         raise ValueError(f"`score_scale` must be one of {SCORE_SCALES}, got {score_scale!r}")
     paths = expand_tfrecord_paths(tfrecords)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"`out_dir` {str(out)!r} is not empty; pass another folder or overwrite=True (--overwrite)")
+    check_output_dir(out, overwrite=overwrite)  # before the long download, not after it
     cache = Path(cache_dir) if cache_dir is not None else out.with_name(out.name + ".fetch")
-    records, _ = _scan(paths, max_record_bytes)
+    records, ranges = _scan(paths, max_record_bytes)
     needed: dict[str, set[str]] = {}
     for record in records:
         if record.reason is None and record.uid is not None:
             needed.setdefault(record.split, set()).add(record.uid)
     logger.info("%d uids to fetch from %d TFRecord record(s)", sum(map(len, needed.values())), len(records))
     fetch = fetch_pickapic_images(needed, pickapic, cache, revision=revision, search_all_shards=search_all_shards)
-    report = convert_richhf(
-        paths, cache / "images", out, score_scale=score_scale, overwrite=overwrite, max_record_bytes=max_record_bytes
-    )
-    report["fetch"] = fetch
-    (out / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    src = cache / "images"
+    _find_source(src)
+    out = prepare_output_dir(out, overwrite=overwrite)
+    return _convert_scanned(paths, records, ranges, src, out, score_scale, max_record_bytes, extra={"fetch": fetch})
 
 
 def _run(args: argparse.Namespace) -> int:

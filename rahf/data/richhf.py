@@ -618,8 +618,14 @@ def convert_richhf(
     src = Path(pickapic)
     _find_source(src)
     out = prepare_output_dir(out_dir, overwrite=overwrite)  # a busy output folder fails before the long part
+    return _convert_scanned(paths, *_scan(paths, max_record_bytes), src, out, score_scale, max_record_bytes)
 
-    records, ranges = _scan(paths, max_record_bytes)
+
+def _convert_scanned(
+    paths: list[Path], records: list, ranges: dict, src: Path, out: Path, score_scale: str, max_record_bytes: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """`convert_richhf` after its checks and its scan of the TFRecords; `extra` joins the report."""
     scale = _detect_scale(ranges, score_scale)
     logger.info("read %d TFRecord records from %d file(s); score scale: %s", len(records), len(paths), scale)
 
@@ -670,18 +676,21 @@ def convert_richhf(
         for r in records
         if r.reason is not None
     ]
-    per_split = Counter(r.split for r in records if r.reason is None)
-    reasons = Counter(_reason_kind(r.reason) for r in records if r.reason is not None)
+    read, per_split = Counter(), Counter()
     by_split: dict[str, Counter] = {split: Counter() for split in SPLITS}
     for r in records:
-        if r.reason is not None:
+        read[r.split] += 1
+        if r.reason is None:
+            per_split[r.split] += 1
+        else:
             by_split[r.split][_reason_kind(r.reason)] += 1
+    reasons = sum(by_split.values(), Counter())
     report = {
         "read": len(records),
         "converted": len(records) - len(skipped),
         "skipped": skipped,
         "splits": {split: per_split.get(split, 0) for split in SPLITS},
-        "read_by_split": {split: sum(1 for r in records if r.split == split) for split in SPLITS},
+        "read_by_split": {split: read[split] for split in SPLITS},
         "skip_reasons": dict(reasons),
         "skip_reasons_by_split": {split: dict(by_split[split].most_common()) for split in SPLITS},
         "score_scale": {
@@ -691,6 +700,7 @@ def convert_richhf(
             "max": {k: (v if v != -math.inf else None) for k, v in ranges["max"].items()},
         },
         "pickapic_source": source.kind,
+        **(extra or {}),
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     summary = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())

@@ -255,8 +255,9 @@ def write_splits(
     )
 
 
-def prepare_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Checks that `out_dir` can receive a saved data set: absent or empty, or a previous one when `overwrite`."""
+def check_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Raises unless `out_dir` can receive a saved data set (absent or empty, or a previous one when `overwrite`);
+    changes nothing, so that a long job can check its output folder before it starts."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"`out_dir` {str(out_dir)!r} exists and is not a folder; choose another output path")
@@ -271,6 +272,13 @@ def prepare_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
                 f"`out_dir` {str(out_dir)!r} is not empty and does not hold a saved DatasetDict; refusing to delete "
                 "it with overwrite=True: choose a new folder"
             )
+    return out_dir
+
+
+def prepare_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Checks that `out_dir` can receive a saved data set: absent or empty, or a previous one when `overwrite`."""
+    out_dir = check_output_dir(out_dir, overwrite=overwrite)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
