@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from .keywords import split_prompt_words
+from .constants import HEATMAP_NAMES, SCORE_NAMES
+from .keywords import is_blank_prompt, split_prompt_words
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +48,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 STATIC_DIR = Path(__file__).parent / "assets" / "annotate"
 ANNOTATOR_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 SPLITS = ("train", "validation", "test")
-SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
-POINT_KINDS = ("implausibility", "misalignment")
+POINT_KINDS = HEATMAP_NAMES
 
 
 @dataclass
@@ -103,11 +101,11 @@ def load_tasks(
         if not Path(prompts).is_file():
             raise ValueError(f"--prompts {str(prompts)!r} is not a file")
         table = _read_prompts(Path(prompts))
+    from .data.consolidate import ImageSizes
+
+    sizes = ImageSizes(images_dir)  # consolidate's checks: inside the folder, under the pixel and file caps
     tasks, missing = [], []
-    root = images_dir.resolve()
     for path in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        if not path.resolve().is_relative_to(root):
-            continue  # a link out of the folder: consolidate would refuse it too
         rel = path.relative_to(images_dir).as_posix()
         if table is not None:
             entry = table.get(rel)
@@ -115,15 +113,14 @@ def load_tasks(
             txt = path.with_suffix(".txt")
             entry = {"prompt": txt.read_text(encoding="utf-8").strip()} if txt.is_file() else None
         prompt = entry.get("prompt") if entry else None
-        if not isinstance(prompt, str) or not split_prompt_words(prompt):
+        if not isinstance(prompt, str) or is_blank_prompt(prompt):
             missing.append(rel)
             continue
-        try:
-            with Image.open(path) as im:
-                width, height = im.size
-        except OSError as err:
-            logger.warning("left out %s: not an image (%s)", rel, err)
+        size = sizes.get(rel)
+        if isinstance(size, str):
+            logger.warning("left out %s: %s", rel, size)
             continue
+        width, height = size
         entry_split = entry.get("split", split)
         if entry_split not in SPLITS:
             raise ValueError(f"--prompts: the split of {rel!r} must be one of {list(SPLITS)}, got {entry_split!r}")

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .image_io import ImageTooLargeError, max_image_pixels, open_image
+from .image_io import ImageTooLargeError, max_image_pixels
 
 if TYPE_CHECKING:  # torch and transformers load with the model, not with `rahf --help`
     from .predictor import RichFeedback, RichFeedbackPredictor
@@ -177,7 +177,7 @@ def _decode_image_bytes(data: bytes, where: str, cap: int) -> Image.Image:
     from .processing_rahf import load_image
 
     try:
-        return load_image(open_image(data, max_pixels=cap), max_pixels=cap)
+        return load_image(data, max_pixels=cap)
     except ImageTooLargeError as err:
         raise HTTPError(413, f"{where}: {err}") from None
     except ValueError as err:
@@ -581,15 +581,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Adds `rahf serve`'s flags to `parser`."""
-
-    def _positive_int(text: str) -> int:  # argparse names the flag in its message and exits 2
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
-        return value
+    from .cli import _positive_int
 
     parser.add_argument("--model", required=True, help="folder written by save_pretrained (model + processor)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

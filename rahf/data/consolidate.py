@@ -167,7 +167,7 @@ def _is_safe_relative(path: str) -> bool:
     return ".." not in path.replace("\\", "/").split("/")
 
 
-class _ImageSizes:
+class ImageSizes:
     """Image sizes from their headers, read once per file, for images that may be used: inside the root (after
     symbolic links), under the pixel cap of `rahf.image_io`, not larger on disk than such an image needs."""
 
@@ -235,7 +235,7 @@ class _ImageSizes:
         return width, height, real
 
 
-def _check_line(record: Any, sizes: _ImageSizes) -> tuple[_Annotation | None, dict[str, Any] | None, str | None]:
+def _check_line(record: Any, sizes: ImageSizes) -> tuple[_Annotation | None, dict[str, Any] | None, str | None]:
     """(annotation, its image's identity, None) for a valid line, else (None, partial identity, reason).
 
     `record` is a line's JSON value, or the `JSONLineError` of a line that has none.
@@ -370,7 +370,7 @@ def _png_l(array: np.ndarray) -> dict[str, Any]:
     return {"bytes": out.getvalue(), "path": None}
 
 
-def _build(entry: _Image, sizes: _ImageSizes) -> dict[str, Any]:
+def _build(entry: _Image, sizes: ImageSizes) -> dict[str, Any]:
     """The canonical example of one image; raises `ValueError`/`OSError` when the image cannot be decoded."""
     image_value = encoded_image(sizes.read(entry.image), "RGB", max_pixels=sizes.max_pixels)
     width, height = entry.width, entry.height
@@ -406,7 +406,7 @@ def _consolidate(
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ValueError(f"`images_dir` {str(images_dir)!r} is not a folder; pass the folder the 'image' paths are in")
-    sizes = _ImageSizes(images_dir)
+    sizes = ImageSizes(images_dir)
     entries: dict[str, _Image] = {}
     invalid: list[dict[str, Any]] = []
     invalid_lines_of: dict[str, list[int]] = {}
@@ -503,7 +503,7 @@ def check_annotation_lines(
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ValueError(f"`images_dir` {str(images_dir)!r} is not a folder; pass the folder the 'image' paths are in")
-    sizes = _ImageSizes(images_dir)
+    sizes = ImageSizes(images_dir)
     invalid = []
     for line_no, record in iter_jsonl(io.BytesIO(data), max_line_chars=max_line_chars):
         _, ident, reason = _check_line(record, sizes)

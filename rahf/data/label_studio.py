@@ -82,16 +82,14 @@ def _annotator_of(completed_by: Any) -> str | None:
     return str(completed_by)
 
 
-def _image_size(result: dict, image: str, images_dir: Path | None) -> tuple[int, int] | None:
+def _image_size(result: dict, image: str, sizes) -> tuple[int, int] | None:
+    """The size Label Studio recorded, else the header's, read by consolidate's own checks (inside --images, under
+    the pixel cap) when `sizes` (an `ImageSizes` of --images) is given."""
     width, height = result.get("original_width"), result.get("original_height")
     if isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0:
         return int(width), int(height)
-    if images_dir is not None and (images_dir / image).is_file():
-        from PIL import Image
-
-        with Image.open(images_dir / image) as im:
-            return im.size
-    return None
+    found = sizes.get(image) if sizes is not None else None
+    return None if found is None or isinstance(found, str) else found
 
 
 def _pixel(percent: float, size: int) -> float:
@@ -103,7 +101,9 @@ def label_studio_task_to_records(
     task: dict, split: str = "train", images_dir: str | Path | None = None
 ) -> tuple[list[dict], list[str]]:
     """One exported task -> (raw annotation records, one per usable annotation; reasons for the others)."""
-    images_dir = Path(images_dir) if images_dir is not None else None
+    from .consolidate import ImageSizes
+
+    sizes = ImageSizes(Path(images_dir)) if images_dir is not None else None
     data = task.get("data") or {}
     prompt, url = data.get("prompt"), data.get("image")
     task_id = task.get("id")
@@ -136,7 +136,7 @@ def label_studio_task_to_records(
                     if result.get("image_rotation", 0) not in (0, None):
                         reason = "points on a rotated image (image_rotation != 0) are not supported"
                         break
-                    size = _image_size(result, image, images_dir)
+                    size = _image_size(result, image, sizes)
                     if size is None:
                         reason = (
                             "a point without original_width/original_height (pass --images to read the image size)"
