@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .constants import HEATMAP_NAMES, SCORE_NAMES
+from .fileio import write_text_atomically
 from .keywords import is_blank_prompt, split_prompt_words
 
 logger = logging.getLogger(__name__)
@@ -136,30 +135,6 @@ def load_tasks(
     return tasks
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """`text` to a temporary file beside `path`, flushed to disk, renamed over `path`, the folder entry flushed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 class AnnotationStore:
     """The output JSONL, one line per (image, annotator), held in memory and rewritten whole on each change.
 
@@ -210,19 +185,19 @@ class AnnotationStore:
                 lines[self.index[key]] = line
             else:
                 lines.append(line)
-            _write_atomically(self.path, "".join(f"{x}\n" for x in lines))
+            write_text_atomically(self.path, "".join(f"{x}\n" for x in lines))
             self.lines = lines  # only once the file holds them
             self.index.setdefault(key, len(lines) - 1)
             if record["uid"] in self.skips.get(record["annotator"], []):
                 self.skips[record["annotator"]].remove(record["uid"])
-                _write_atomically(self.skips_path, json.dumps(self.skips, indent=1) + "\n")
+                write_text_atomically(self.skips_path, json.dumps(self.skips, indent=1) + "\n")
 
     def skip(self, uid: str, annotator: str) -> None:
         with self.lock:
             skipped = self.skips.setdefault(annotator, [])
             if uid not in skipped:
                 skipped.append(uid)
-                _write_atomically(self.skips_path, json.dumps(self.skips, indent=1) + "\n")
+                write_text_atomically(self.skips_path, json.dumps(self.skips, indent=1) + "\n")
 
 
 class _OutputLock:

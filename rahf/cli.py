@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from .job_args import positive_int
+
 logger = logging.getLogger("rahf")
 
 
@@ -101,17 +103,6 @@ def _delegate(command: str, argv: list[str], verbose: bool) -> int:
     return int(code or 0)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse names the flag in its message and exits 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}; pass a positive one")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rahf", description="Rich Automatic Human Feedback for text-to-image generation"
@@ -133,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder: one OUT/<image stem>/ per image")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
-    p.add_argument("--batch_size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument(
         "--max_image_pixels",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="refuse images of more pixels than this, checked before decoding (default: 40000000, or "
         "RAHF_MAX_IMAGE_PIXELS)",

@@ -7,16 +7,19 @@ reads `1e-4` as a string), and flags on the command line win.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
-from transformers import HfArgumentParser
+
+if TYPE_CHECKING:  # transformers is imported where a parser is built: the CLI imports this module to start fast
+    from transformers import HfArgumentParser
 
 T = TypeVar("T")
 
@@ -25,6 +28,7 @@ __all__ = [
     "check_int_fields",
     "load_yaml_defaults",
     "parse_job_args",
+    "positive_int",
     "read_prompt_records",
     "uses_cpu_processes",
 ]
@@ -75,6 +79,8 @@ def load_yaml_defaults(path: str | os.PathLike, dataclass_type: type, parser: Hf
 def parse_job_args(dataclass_type: type[T], argv: list[str] | None, prog: str, description: str) -> T:
     """`--config file.yaml` gives the defaults, the other flags override them; `dataclass_type` needs a `config`
     field."""
+    from transformers import HfArgumentParser
+
     parser = HfArgumentParser(dataclass_type, prog=prog, description=description)
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "config", None):
@@ -163,3 +169,14 @@ def read_prompt_records(path: str | os.PathLike, flag: str = "--prompts_file") -
     if not records:
         raise ValueError(f"`{flag}` {str(path)!r} holds no prompts")
     return records
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its message and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}; pass a positive one")
+    return value

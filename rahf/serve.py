@@ -581,24 +581,24 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Adds `rahf serve`'s flags to `parser`."""
-    from .cli import _positive_int
+    from .job_args import positive_int
 
     parser.add_argument("--model", required=True, help="folder written by save_pretrained (model + processor)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
-    parser.add_argument("--max_batch_size", type=_positive_int, default=8, help="images per model call (default: 8)")
+    parser.add_argument("--max_batch_size", type=positive_int, default=8, help="images per model call (default: 8)")
     parser.add_argument(
         "--max_wait_ms", type=float, default=10.0, help="longest wait for a fuller batch (default: 10)"
     )
-    parser.add_argument("--max_body_bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--max_images", type=_positive_int, default=DEFAULT_MAX_IMAGES, help="images per request")
-    parser.add_argument("--max_queue", type=_positive_int, default=1024, help="images waiting before 503s")
+    parser.add_argument("--max_body_bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max_images", type=positive_int, default=DEFAULT_MAX_IMAGES, help="images per request")
+    parser.add_argument("--max_queue", type=positive_int, default=1024, help="images waiting before 503s")
     parser.add_argument(
-        "--max_request_pixels", type=_positive_int, default=DEFAULT_MAX_REQUEST_PIXELS, help="all images of a request"
+        "--max_request_pixels", type=positive_int, default=DEFAULT_MAX_REQUEST_PIXELS, help="all images of a request"
     )
     parser.add_argument("--image_root", default=None, help='folder that requests may name files under ("paths")')
-    parser.add_argument("--max_image_pixels", type=_positive_int, default=None)
+    parser.add_argument("--max_image_pixels", type=positive_int, default=None)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

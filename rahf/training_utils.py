@@ -40,6 +40,8 @@ from torch.utils.data import Sampler
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+from .fileio import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -91,20 +93,6 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
     for folder in reversed(folders):
         fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flushes a folder's entries (a rename or a new file in it) to disk, where the platform allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; renames there are as durable as they get
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json_durably(path: Path, data: dict[str, Any]) -> None:

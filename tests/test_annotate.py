@@ -152,7 +152,7 @@ def test_a_failed_write_leaves_the_previous_file(images, tmp_path, monkeypatch):
     def killed(*args):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr("rahf.annotate.os.replace", killed)
+    monkeypatch.setattr("rahf.fileio.os.replace", killed)  # the one atomic writer
     with pytest.raises(KeyboardInterrupt):
         store.put({**record, "annotator": "bob"})
     assert out.read_bytes() == before and not list(tmp_path.glob(".annotations.jsonl.*"))

@@ -28,13 +28,12 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_text_atomically
 from ..keywords import prompt_word_spans
 from .schema import HEATMAP_NAMES, SCORE_NAMES
 
@@ -181,20 +180,14 @@ def label_studio_task_to_records(
 
 
 def write_jsonl_atomically(records: list[dict], out: str | Path) -> None:
-    """Writes `records` as JSONL to a temporary file beside `out`, flushed to disk, then renamed over `out`."""
+    """Writes `records` as JSONL to `out` atomically (a temporary file beside it, flushed, renamed over it)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(out, _jsonl(records))
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def from_label_studio(
@@ -229,7 +222,7 @@ def from_label_studio(
     if images_dir is not None:
         from .consolidate import check_annotation_lines
 
-        report["invalid"] = check_annotation_lines(Path(out).read_bytes(), images_dir)
+        report["invalid"] = check_annotation_lines(_jsonl(records).encode(), images_dir)
     return report
 
 
