@@ -12,8 +12,16 @@ from rahf._testing_diffusers import (
     tiny_amused_inpaint_pipeline,
     tiny_amused_pipeline,
     tiny_clip_tokenizer,
+    tiny_flux_fill_pipeline,
+    tiny_flux_inpaint_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_inpaint_pipeline,
+    tiny_sd3_pipeline,
     tiny_sd_inpaint_pipeline,
     tiny_sd_pipeline,
+    tiny_sdxl_inpaint_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_t5_tokenizer,
 )
 
 BUILDERS = {
@@ -21,6 +29,13 @@ BUILDERS = {
     "sd_inpaint": tiny_sd_inpaint_pipeline,
     "amused": tiny_amused_pipeline,
     "amused_inpaint": tiny_amused_inpaint_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sdxl_inpaint": tiny_sdxl_inpaint_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "sd3_inpaint": tiny_sd3_inpaint_pipeline,
+    "flux": tiny_flux_pipeline,
+    "flux_inpaint": tiny_flux_inpaint_pipeline,
+    "flux_fill": tiny_flux_fill_pipeline,
 }
 PROMPT = "A squirrel's café, 3 burgers & unknown-wörds: zxqv?! 🐿"
 
@@ -32,7 +47,7 @@ def _inputs(name: str, size: int, seed: int = 0, prompt: str = PROMPT) -> dict:
         "generator": torch.Generator().manual_seed(seed),
         "output_type": "np",
     }
-    if name.endswith("inpaint"):
+    if name.endswith(("inpaint", "fill")):
         rng = np.random.default_rng(0)
         image = torch.from_numpy(rng.random((1, 3, size, size), dtype=np.float32))
         mask = torch.zeros(1, 1, size, size)
@@ -40,6 +55,8 @@ def _inputs(name: str, size: int, seed: int = 0, prompt: str = PROMPT) -> dict:
         kwargs.update(image=image, mask_image=mask)
     if not name.startswith("amused_inpaint"):  # aMUSEd inpainting takes its size from the image; SD needs it passed
         kwargs.update(height=size, width=size)
+    if name.startswith(("sd3", "flux")):  # the tiny T5's window (the pipelines' defaults are 256 / 512 tokens)
+        kwargs.update(max_sequence_length=32)
     return kwargs
 
 
@@ -90,6 +107,9 @@ def test_save_pretrained_from_pretrained_round_trip(name: str, tmp_path, monkeyp
     reloaded.set_progress_bar_config(disable=True)
     assert type(reloaded.tokenizer) is type(pipe.tokenizer)
     assert reloaded.tokenizer(PROMPT).input_ids == pipe.tokenizer(PROMPT).input_ids
+    for extra in ("tokenizer_2", "tokenizer_3"):
+        if getattr(pipe, extra, None) is not None:
+            assert getattr(reloaded, extra)(PROMPT).input_ids == getattr(pipe, extra)(PROMPT).input_ids
     np.testing.assert_array_equal(expected, _run(reloaded, name, 32))
 
 
@@ -115,3 +135,20 @@ def test_tokenizer_covers_any_string_and_reloads(tmp_path) -> None:
     reloaded = type(tok).from_pretrained(tmp_path)
     assert reloaded(PROMPT).input_ids == tok(PROMPT).input_ids
     assert reloaded.model_max_length == 77
+
+
+def test_t5_tokenizer_round_trips_any_text_with_t5_special_ids() -> None:
+    tok = tiny_t5_tokenizer()
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    for text in [PROMPT, "a red circle above two blue squares", "日本語"]:
+        ids = tok(text).input_ids
+        assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_t5_families_run_with_the_pipelines_default_sequence_length(name: str) -> None:
+    pipe = BUILDERS[name](seed=0)
+    kwargs = _inputs(name, 32)
+    kwargs.pop("max_sequence_length")
+    assert pipe(**kwargs).images.shape == (1, 32, 32, 3)
