@@ -28,6 +28,8 @@ _EXPORTS = {
     "heatmap_to_mask": ".masks",
     "mask_to_pil": ".masks",
     "override_mask_config": ".masks",
+    "SUPPORTED_FAMILIES": ".families",
+    "generator_family": ".families",
     "from_inpaint_pipe": ".auto",
     "rahf_inpaint_class_for": ".auto",
 }
@@ -41,8 +43,10 @@ __all__ = [
     "RAHFInpaintMixin",
     "RAHFInpaintPipeline",
     "RAHFInpaintPipelineOutput",
+    "SUPPORTED_FAMILIES",
     "SUPPORTED_SCHEDULERS",
     "from_inpaint_pipe",
+    "generator_family",
     "heatmap_to_mask",
     "mask_to_pil",
     "override_mask_config",
@@ -51,6 +55,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .auto import from_inpaint_pipe, rahf_inpaint_class_for
+    from .families import SUPPORTED_FAMILIES, generator_family
     from .masks import MaskConfig, heatmap_to_mask, mask_to_pil, override_mask_config
     from .rahf_amused_inpaint import RAHFAmusedInpaintPipeline
     from .rahf_guided import (

@@ -152,3 +152,23 @@ def test_t5_families_run_with_the_pipelines_default_sequence_length(name: str) -
     kwargs = _inputs(name, 32)
     kwargs.pop("max_sequence_length")
     assert pipe(**kwargs).images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_generator_family_reads_the_components(name: str) -> None:
+    from rahf.pipelines.families import generator_family
+
+    pipe = BUILDERS[name](seed=0)
+    assert generator_family(pipe) == name.split("_")[0]
+
+
+def test_generator_family_error_names_the_supported_families() -> None:
+    from rahf.pipelines.families import generator_family
+
+    class NotAPipeline:
+        components = {"unet": torch.nn.Linear(2, 2)}
+
+    with pytest.raises(
+        ValueError, match=r"`pipe` is a NotAPipeline \(Linear.*supported: Stable Diffusion.*SDXL.*FLUX"
+    ):
+        generator_family(NotAPipeline())
