@@ -65,8 +65,9 @@ class RAHFOutput(ModelOutput):
             Predicted scores in [0, 1], in `config.score_names` order (NaN where not requested).
         sequence_logits (`torch.FloatTensor` of shape `(num_keyword_rows, target_length, vocab_size)`, *optional*):
             Decoder logits of the keyword sequence (teacher forcing), one row per image.
-        heatmap_loss (`torch.FloatTensor` of shape `()`, *optional*): per-pixel heatmap MSE (or BCE, `config.heatmap_loss`).
-        score_loss (`torch.FloatTensor` of shape `()`, *optional*): score MSE.
+        heatmap_loss (`torch.FloatTensor` of shape `()`, *optional*): per-pixel heatmap MSE (or BCE, `config.heatmap_loss`)
+            over the known pixels; 0 when no pixel of the batch is known (checking would stall the host for the device).
+        score_loss (`torch.FloatTensor` of shape `()`, *optional*): score MSE over the known scores; 0 when none is.
         sequence_loss (`torch.FloatTensor` of shape `()`, *optional*): token cross-entropy of the keyword sequence.
     """
 
@@ -77,6 +78,12 @@ class RAHFOutput(ModelOutput):
     heatmap_loss: torch.FloatTensor | None = None
     score_loss: torch.FloatTensor | None = None
     sequence_loss: torch.FloatTensor | None = None
+
+
+def _masked_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` where `known`, 0 where nothing is known: no boolean indexing and no `if known.any()`, so
+    that the loss never makes the host wait for the device (each would be a sync per step on a GPU)."""
+    return torch.where(known, values, 0.0).sum() / known.sum().clamp_min(1)
 
 
 class RAHFHeatmapHead(nn.Module):
@@ -345,6 +352,12 @@ class RAHFPreTrainedModel(SafetensorsOnlyMixin, PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # Attention lives in the towers (ViT/SigLIP/CLIP and T5), which run it through
+    # `F.scaled_dot_product_attention` ("sdpa", transformers' default) or in eager form ("eager", the reference the
+    # tests compare with): `RAHFModel(config).set_attn_implementation(...)` or
+    # `RAHFModel.from_pretrained(path, attn_implementation=...)` switches both towers at once. T5 has no
+    # flash-attention path in transformers (its relative position bias is an additive mask), so SDPA is the fast one.
+    _supports_sdpa = True
     _no_split_modules = ["T5Block", "ViTLayer", "SiglipEncoderLayer", "CLIPEncoderLayer"]
 
     @torch.no_grad()
@@ -630,15 +643,16 @@ class RAHFModel(RAHFPreTrainedModel):
                 )
             # NaN predictions are tasks not asked for; NaN labels are unknown (e.g. after a word swap): both skipped.
             known = ~torch.isnan(heatmaps) & ~torch.isnan(heatmap_labels)
-            if known.any():
-                if cfg.heatmap_loss == "bce":
-                    # On the logits, in float32: no clamp, so saturated pixels keep their gradient, and autocast-safe.
-                    heatmap_loss = F.binary_cross_entropy_with_logits(
-                        heatmap_logits[known].float(), heatmap_labels[known].float()
-                    )
-                else:
-                    heatmap_loss = F.mse_loss(heatmaps[known], heatmap_labels[known])
-                terms.append(cfg.heatmap_loss_weight * heatmap_loss)
+            target = torch.where(known, heatmap_labels, 0.0).float()
+            if cfg.heatmap_loss == "bce":
+                # On the logits, in float32: no clamp, so saturated pixels keep their gradient, and autocast-safe.
+                per_pixel = F.binary_cross_entropy_with_logits(
+                    torch.where(known, heatmap_logits, 0.0).float(), target, reduction="none"
+                )
+            else:
+                per_pixel = (torch.where(known, heatmaps, 0.0).float() - target) ** 2
+            heatmap_loss = _masked_mean(per_pixel, known).to(heatmaps.dtype)
+            terms.append(cfg.heatmap_loss_weight * heatmap_loss)
         if score_labels is not None:
             score_labels = score_labels.to(scores.dtype)
             if score_labels.shape != scores.shape:
@@ -646,9 +660,9 @@ class RAHFModel(RAHFPreTrainedModel):
                     f"`score_labels` must have shape {tuple(scores.shape)}, got {tuple(score_labels.shape)}"
                 )
             known = ~torch.isnan(scores) & ~torch.isnan(score_labels)
-            if known.any():
-                score_loss = F.mse_loss(scores[known], score_labels[known])
-                terms.append(cfg.score_loss_weight * score_loss)
+            error = (torch.where(known, scores, 0.0) - torch.where(known, score_labels, 0.0)) ** 2
+            score_loss = _masked_mean(error, known)
+            terms.append(cfg.score_loss_weight * score_loss)
         if keyword_labels is not None and sequence_logits is not None:
             sequence_loss = F.cross_entropy(
                 sequence_logits.flatten(0, 1).float(),
