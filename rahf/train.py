@@ -239,13 +239,46 @@ def _unused_parameters(model: torch.nn.Module, batch: dict[str, Any], device: to
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Sharded training (FSDP, DeepSpeed): every process holds a shard of the weights
+
+
+def is_sharded(accelerator) -> bool:
+    """True under FSDP or DeepSpeed, where no process holds the whole model and gathering it is a collective."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def gather_state_dict(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The full weights of a sharded `model` (on the main process; call on every process), else None: the model's
+    own parameters are whole and `save_pretrained` reads them directly."""
+    return accelerator.get_state_dict(model) if is_sharded(accelerator) else None
+
+
+def unsharded_copy(accelerator, model) -> torch.nn.Module | None:
+    """On the main process, a plain (unwrapped, unsharded) model holding the gathered weights of a sharded `model`;
+    None elsewhere. Call on every process. What runs on one process after training (the finite check, keyword
+    calibration, the final save) runs on this copy."""
+    state_dict = gather_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    plain = type(unwrapped)(unwrapped.config)
+    plain.load_state_dict(state_dict)  # strict: every weight must come back
+    return plain
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def save_model_folder(folder: Path, model, processor, summary_name: str, summary: dict[str, Any]) -> None:
-    """The model, its processor and a JSON summary in `folder`, written atomically (a crash leaves the old folder)."""
+def save_model_folder(
+    folder: Path, model, processor, summary_name: str, summary: dict[str, Any], state_dict: dict | None = None
+) -> None:
+    """The model, its processor and a JSON summary in `folder`, written atomically (a crash leaves the old folder).
+    `state_dict` (the gathered weights of a sharded model) replaces the model's own."""
     with atomic_directory(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
         (tmp / summary_name).write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -276,6 +309,10 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     set_seed(args.seed)
     model, processor = build_model_and_processor(args)
     config = model.config
+    if args.attn_implementation is not None:
+        if not hasattr(model, "set_attn_implementation"):
+            raise ValueError(f"`attn_implementation` needs a transformers model; {args.model_type!r} is not one")
+        model.set_attn_implementation(args.attn_implementation)  # both towers: see RAHFPreTrainedModel
     if args.gradient_checkpointing:
         # transformers v5 renamed it; v4-style models only have the old name.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -348,17 +385,25 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
+    if args.debug_check_sync and is_sharded(accelerator):
+        raise ValueError(
+            "`debug_check_sync` compares each process's whole weights, and under FSDP / DeepSpeed each process holds a "
+            "shard: drop the flag, or check with DDP"
+        )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # 3. Checkpoints hold a save_pretrained copy of the model (and the processor), loadable on its own.
+    # Under FSDP / DeepSpeed accelerate writes (and, on resuming, reads) its own sharded model files; the
+    # save_pretrained copy is gathered from the shards, a collective every process joins.
     def save_model_hook(models, weights, ckpt_dir):
-        if accelerator.is_main_process:
-            for m in models:
+        for m in models:
+            state_dict = gather_state_dict(accelerator, m)
+            if accelerator.is_main_process:
                 target = Path(ckpt_dir) / CHECKPOINT_MODEL_DIR
-                accelerator.unwrap_model(m).save_pretrained(target)
+                accelerator.unwrap_model(m).save_pretrained(target, state_dict=state_dict)
                 processor.save_pretrained(target)
-        weights.clear()  # saved above: accelerate need not write the weights a second time
+        weights.clear()  # saved above: accelerate need not write the weights a second time (empty when sharded)
 
     def load_model_hook(models, ckpt_dir):
         while models:
@@ -406,6 +451,8 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         eps=args.adam_epsilon,
         use_8bit_adam=args.use_8bit_adam,
         decay_1d=args.weight_decay_all,  # by default no weight decay on biases and normalisation weights
+        # benchmarks/gpu_efficiency.py: the fused kernel pays on a GPU; on a CPU it is no faster than for-each
+        fused=args.fused_adam if args.fused_adam is not None else accelerator.device.type == "cuda",
     )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if eval_dataloader is not None:
@@ -546,9 +593,10 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
         guard.check(accelerator, f"before saving the best model at step {step}")
         best = {"metric": args.save_best_on, "value": value, "step": step, "epoch": epoch}
         accelerator.wait_for_everyone()
+        state_dict = gather_state_dict(accelerator, model)
         if accelerator.is_main_process:
             summary = {**best, "validation": {k: json_value(v) for k, v in metrics.items()}}
-            save_model_folder(best_dir, accelerator.unwrap_model(model), processor, BEST_SUMMARY, summary)
+            save_model_folder(best_dir, accelerator.unwrap_model(model), processor, BEST_SUMMARY, summary, state_dict)
             logger.info("step %d: best %s so far (%.5g): saved to %s", step, args.save_best_on, value, best_dir)
         accelerator.wait_for_everyone()
         return metrics
@@ -649,20 +697,26 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
 
     # 6. The last validation, and the final model and processor (never a non-finite one).
     guard.check(accelerator, "at the end of training")
-    check_finite_parameters(accelerator.unwrap_model(model), f"{output_dir / 'final'}")
     if eval_dataloader is not None and last_validated_step != global_step:
         last_validation = validate(global_step, current_epoch)
     accelerator.wait_for_everyone()
+    sharded = is_sharded(accelerator)
+    # Sharded: the main process alone goes on with a whole copy (keyword decoding runs a different number of steps
+    # per process, which sharded layers, each a collective, cannot).
+    final_model = unsharded_copy(accelerator, model) if sharded else accelerator.unwrap_model(model)
     final_dir = output_dir / "final"
+    if final_model is not None:
+        check_finite_parameters(final_model, f"{final_dir}")
     calibration = None
     if args.calibrate_keyword_threshold and eval_dataset is not None:  # every process decodes its shard
-        calibration = calibrate_keyword_threshold(
-            accelerator.unwrap_model(model),
-            processor,
-            eval_dataset.split,
-            batch_size=args.eval_batch_size,
-            state=state,
-        )
+        if not sharded or accelerator.is_main_process:
+            calibration = calibrate_keyword_threshold(
+                final_model,
+                processor,
+                eval_dataset.split,
+                batch_size=args.eval_batch_size,
+                state=None if sharded else state,
+            )
     if accelerator.is_main_process:
         if calibration is not None:
             accelerator.log(
@@ -680,7 +734,7 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
             "keyword_threshold_calibration": calibration,
             "best": best,
         }
-        save_model_folder(final_dir, accelerator.unwrap_model(model), processor, "training_summary.json", summary)
+        save_model_folder(final_dir, final_model, processor, "training_summary.json", summary)
         logger.info(
             "saved the final model to %s (%d steps, %.0fs)", final_dir, global_step, time.perf_counter() - start_time
         )

@@ -56,7 +56,16 @@ class RAHFTrainingArguments:
         default=None, metadata={"help": "override the preset's variant: multi_head or augmented_prompt"}
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward pass to save memory"}
+        default=False,
+        metadata={"help": "recompute activations in the backward pass: less memory for about a third more compute"},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "attention of both towers: sdpa (F.scaled_dot_product_attention, fused kernels on GPUs) or "
+            "eager; default: the model's own (sdpa)",
+            "choices": ["sdpa", "eager"],
+        },
     )
 
     # ---- data
@@ -129,6 +138,10 @@ class RAHFTrainingArguments:
     )
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit (pip install bitsandbytes)"})
+    fused_adam: bool | None = field(
+        default=None,
+        metadata={"help": "torch's fused AdamW kernel (the same update); default: on when training on a GPU"},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
 
     # ---- precision, reproducibility
@@ -222,6 +235,8 @@ class RAHFTrainingArguments:
             raise ValueError(
                 f"`mixed_precision` must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
             )
+        if self.attn_implementation not in (None, "sdpa", "eager"):
+            raise ValueError(f"`attn_implementation` must be sdpa or eager, got {self.attn_implementation!r}")
         if self.report_to not in REPORT_TO:
             raise ValueError(f"`report_to` must be one of {list(REPORT_TO)}, got {self.report_to!r}")
         if self.variant is not None and self.variant not in ("multi_head", "augmented_prompt"):
