@@ -1,5 +1,7 @@
 """`rahf best-of-n` / `accelerate launch -m rahf.improve.best_of_n`: generate N images per prompt, score each with RAHF, keep
 the best when its reward passes a threshold (the paper's §5 data filtering), written as a `datasets` image folder.
+Any text-to-image pipeline of Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1 or aMUSEd generates (a checkpoint saved
+from another pipeline of the family is used through the family's text-to-image class).
 
 Outputs under `--output_dir`:
 
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BestOfNArguments",
+    "as_text_to_image_pipeline",
     "derive_seed",
     "generate_images",
     "load_text_to_image_pipeline",
@@ -66,6 +69,8 @@ __all__ = [
     "parse_best_of_n_args",
     "read_prompts",
     "run_best_of_n",
+    "text_to_image_call_kwargs",
+    "text_to_image_family",
 ]
 
 KEPT_DIR = "kept"
@@ -90,6 +95,7 @@ _IDENTITY_FIELDS = (
     "guidance_scale",
     "resolution",
     "negative_prompt",
+    "max_sequence_length",
     "seed",
     "mixed_precision",
 )
@@ -114,7 +120,9 @@ class BestOfNArguments:
     )
     pretrained_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "a diffusers text-to-image pipeline: hub id or folder (Stable Diffusion family, aMUSEd)"},
+        metadata={
+            "help": "a diffusers text-to-image pipeline: hub id or folder (SD 1.x/2.x, SDXL, SD3, FLUX, aMUSEd)"
+        },
     )
     revision: str | None = field(default=None, metadata={"help": "hub revision of the pipeline"})
     variant: str | None = field(default=None, metadata={"help": "weights variant of the pipeline, e.g. fp16"})
@@ -152,6 +160,10 @@ class BestOfNArguments:
     )
     resolution: int | None = field(default=None, metadata={"help": "image height and width (pipeline default)"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={"help": "SD3 / FLUX: T5 tokens of the prompt (pipeline default: 256 / 512); ignored by the others"},
+    )
     seed: int = field(default=0, metadata={"help": "base seed: image i of prompt p uses derive_seed(seed, p, i)"})
     batch_size: int = field(default=8, metadata={"help": "images per pipeline call (never mixing prompts)"})
     reward_batch_size: int = field(default=16, metadata={"help": "images per RAHF forward pass"})
@@ -173,7 +185,7 @@ class BestOfNArguments:
         check_int_fields(
             self,
             positive=("num_images_per_prompt", "num_inference_steps", "batch_size", "reward_batch_size"),
-            positive_or_unset=("max_prompts",),
+            positive_or_unset=("max_prompts", "max_sequence_length"),
         )
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"`resolution` must be at least 8 pixels or unset, got {self.resolution!r}")
@@ -322,10 +334,61 @@ def _clean_stale_files(output_dir: Path) -> int:
 # Generation
 
 
+# The text-to-image class of each family: a checkpoint saved from another task's pipeline of the family (an SDXL
+# inpainting pipeline holding a text-to-image UNet, say) is re-wrapped in it with `from_pipe`, sharing its components.
+_TEXT_TO_IMAGE_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "amused": "AmusedPipeline",
+}
+# Families whose pipelines read a T5 encoder and take `max_sequence_length`.
+_T5_FAMILIES = ("sd3", "flux")
+
+
+def text_to_image_family(pipe, argument: str = "pretrained_model_name_or_path") -> str:
+    """The generator family of `pipe` (`sd`, `sdxl`, `sd3`, `flux` or `amused`), refusing a denoiser that reads more
+    than the noisy latents (an inpainting UNet, a FLUX.1 Fill transformer): it cannot generate from a prompt alone.
+
+    Raises:
+        `ValueError`: naming `argument`, for an unsupported pipeline or an inpainting / image-conditioned denoiser.
+    """
+    from rahf.pipelines.families import denoiser_of, generator_family
+
+    family = generator_family(pipe, argument)
+    if family == "amused":
+        return family
+    denoiser, latent_channels = denoiser_of(pipe), pipe.vae.config.latent_channels
+    # FLUX packs 2x2 latent patches into one token; the others read the latents as they are.
+    expected = 4 * latent_channels if family == "flux" else latent_channels
+    if denoiser.config.in_channels != expected:
+        raise ValueError(
+            f"`{argument}` is a {type(pipe).__name__} whose {type(denoiser).__name__} takes "
+            f"{denoiser.config.in_channels} input channels, not the {expected} of the noisy latents alone (an "
+            "inpainting or image-conditioned checkpoint); pass a text-to-image checkpoint of the family"
+        )
+    return family
+
+
+def as_text_to_image_pipeline(pipe, argument: str = "pretrained_model_name_or_path"):
+    """`pipe` as its family's text-to-image pipeline (the same object when it already is one; otherwise the class's
+    `from_pipe`, sharing the components), after `text_to_image_family`'s checks."""
+    import diffusers
+
+    family = text_to_image_family(pipe, argument)
+    cls = getattr(diffusers, _TEXT_TO_IMAGE_CLASSES[family])
+    if isinstance(pipe, cls):
+        return pipe
+    logger.info("using the %s components of a %s as a %s", family, type(pipe).__name__, cls.__name__)
+    return cls.from_pipe(pipe)
+
+
 def load_text_to_image_pipeline(
     name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None
 ):
-    """`DiffusionPipeline.from_pretrained`, with a clear error when the folder or hub id is not a pipeline."""
+    """`DiffusionPipeline.from_pretrained`, as its family's text-to-image pipeline (`as_text_to_image_pipeline`), with
+    a clear error when the folder or hub id is not a pipeline of a supported family (SD, SDXL, SD3, FLUX, aMUSEd)."""
     from diffusers import DiffusionPipeline
 
     name_or_path = resolve_pretrained_path(
@@ -344,7 +407,34 @@ def load_text_to_image_pipeline(
             "pass a folder written by `pipe.save_pretrained` or a hub id such as "
             "stable-diffusion-v1-5/stable-diffusion-v1-5"
         ) from err
-    return pipe
+    return as_text_to_image_pipeline(pipe)
+
+
+def text_to_image_call_kwargs(
+    pipe,
+    num_inference_steps: int,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    max_sequence_length: int | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of one text-to-image call, for whichever family `pipe` is: what is unset is left to the
+    pipeline's defaults, and `max_sequence_length` goes only to the T5 families (SD3, FLUX) that take it."""
+    from rahf.pipelines.families import generator_family
+
+    kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "pil"}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if max_sequence_length is not None and generator_family(pipe) in _T5_FAMILIES:
+        kwargs["max_sequence_length"] = max_sequence_length
+    return kwargs
 
 
 def _takes_generator_list(pipe) -> bool:
@@ -357,13 +447,15 @@ def generate_images(
     pipe, prompt: str, seeds: list[int], args: BestOfNArguments, device: torch.device
 ) -> list[Image.Image]:
     """One image per seed for `prompt`, with the generation settings of `args` (as many per call as `batch_size`)."""
-    kwargs: dict[str, Any] = {"num_inference_steps": args.num_inference_steps, "output_type": "pil"}
-    if args.guidance_scale is not None:
-        kwargs["guidance_scale"] = args.guidance_scale
-    if args.resolution is not None:
-        kwargs["height"] = kwargs["width"] = args.resolution
-    if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
+    kwargs = text_to_image_call_kwargs(
+        pipe,
+        args.num_inference_steps,
+        height=args.resolution,
+        width=args.resolution,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        max_sequence_length=args.max_sequence_length,
+    )
     gen_device = "cpu" if device.type == "mps" else device
     images: list[Image.Image] = []
     if _takes_generator_list(pipe):
@@ -620,6 +712,8 @@ def run_best_of_n(args: BestOfNArguments, pipe=None, reward_fn: RewardFn | None 
                 revision=args.revision,
                 variant=args.variant,
             )
+        else:
+            pipe = as_text_to_image_pipeline(pipe, "pipe")
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         if reward_fn is None:

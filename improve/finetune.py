@@ -1,12 +1,16 @@
 """`accelerate launch -m rahf.improve.finetune`: LoRA fine-tuning of a text-to-image generator on an image folder (e.g. the
 best-of-N kept set), the paper's §5 "fine-tune on what RAHF kept", with accelerate.
 
-Stable Diffusion family (SD 1.x / 2.x: LoRA on the UNet's attention projections, the noise-prediction loss of
-diffusers' `train_text_to_image_lora.py`) and aMUSEd (LoRA on the `UVit2DModel` transformer, the masked-token loss of
-diffusers' `train_amused.py`). Flags are named as in those scripts. Optional reward-weighted loss from the `reward`
+Stable Diffusion 1.x / 2.x and SDXL (LoRA on the UNet's attention projections, the noise-prediction loss of diffusers'
+`train_text_to_image_lora.py` / `train_text_to_image_lora_sdxl.py`, SDXL with both text encoders and its size and
+crop conditioning), SD3 / SD3.5 and FLUX.1 (LoRA on the transformer, the flow-matching loss and timestep sampling of
+`train_dreambooth_lora_sd3.py` / `train_dreambooth_lora_flux.py`) and aMUSEd (LoRA on the `UVit2DModel`, the
+masked-token loss of `train_amused.py`); the losses are in `rahf.improve.denoising_losses`. Flags are named as in
+those scripts. Optional reward-weighted loss from the `reward`
 column that `rahf.improve.best_of_n` records; validation images scored by RAHF at intervals; `checkpoint-{step}/` folders
 whose save/load hooks write and *restore* the LoRA (`pytorch_lora_weights.safetensors`); the final LoRA in
-`output_dir/pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights(output_dir)` reads.
+`output_dir/pytorch_lora_weights.safetensors`, written by the family's `save_lora_weights`, which the family's
+`pipe.load_lora_weights(output_dir)` reads.
 
 Examples:
 
@@ -17,14 +21,15 @@ accelerate launch --multi_gpu --num_processes 4 -m rahf.improve.finetune --confi
 ```
 
 ```python
->>> from diffusers import StableDiffusionPipeline
->>> pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+>>> from diffusers import FluxPipeline
+>>> pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
 >>> pipe.load_lora_weights("runs/lora")  # output_dir of the job
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -34,13 +39,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -62,6 +67,14 @@ from rahf.training_utils import (
     save_checkpoint,
 )
 
+from .denoising_losses import (
+    FLOW_WEIGHTING_SCHEMES,
+    LORA_TARGET_MODULES,
+    denoising_loss,
+    encode_batch,
+    training_noise_scheduler,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -79,7 +92,7 @@ __all__ = [
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LR_SCHEDULERS = tuple(DIFFUSERS_LR_SCHEDULES)
-DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+DEFAULT_TARGET_MODULES = LORA_TARGET_MODULES["sd"]
 
 
 @dataclass
@@ -100,7 +113,8 @@ class LoRAFineTuneArguments:
     )
     # ---- model and data
     pretrained_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "a Stable Diffusion (1.x/2.x) or aMUSEd pipeline: hub id or folder"}
+        default=None,
+        metadata={"help": "a text-to-image pipeline (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, aMUSEd): hub id or folder"},
     )
     revision: str | None = field(default=None, metadata={"help": "hub revision of the pipeline"})
     variant: str | None = field(default=None, metadata={"help": "weights variant of the pipeline, e.g. fp16"})
@@ -118,7 +132,11 @@ class LoRAFineTuneArguments:
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank, scale 1)"})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "module names that get LoRA (default: to_k to_q to_v to_out.0)"}
+        default=None,
+        metadata={
+            "help": "module names that get LoRA (default: the family's script's: to_k to_q to_v to_out.0 for the "
+            "UNets; the attention projections for SD3, and the feed-forwards too for FLUX)"
+        },
     )
     # ---- schedule and optimizer
     train_batch_size: int = field(default=4, metadata={"help": "images per device per micro-batch"})
@@ -142,6 +160,40 @@ class LoRAFineTuneArguments:
         default=None, metadata={"help": "SD: epsilon or v_prediction (default: the scheduler's)"}
     )
     min_masking_rate: float = field(default=0.0, metadata={"help": "aMUSEd: lowest fraction of tokens masked"})
+    weighting_scheme: str | None = field(
+        default=None,
+        metadata={
+            "help": "SD3 / FLUX: timestep density and loss weighting (default: logit_normal for SD3, none for FLUX, "
+            "as their scripts)",
+            "choices": list(FLOW_WEIGHTING_SCHEMES),
+        },
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "SD3 / FLUX: mean of the logit_normal scheme"})
+    logit_std: float = field(default=1.0, metadata={"help": "SD3 / FLUX: std of the logit_normal scheme"})
+    mode_scale: float = field(default=1.29, metadata={"help": "SD3 / FLUX: scale of the mode scheme"})
+    precondition_outputs: bool = field(
+        default=False,
+        metadata={
+            "help": "SD3 / FLUX: EDM preconditioning (the prediction turned into x0, target x0) instead of the "
+            "velocity target noise - x0 (train_dreambooth_lora_sd3.py's default is on)"
+        },
+    )
+    guidance_scale: float = field(
+        default=3.5, metadata={"help": "FLUX with guidance_embeds (FLUX.1 dev): the guidance it is trained at"}
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "SD3 / FLUX: T5 tokens of a caption (default: 77 for SD3, 512 for FLUX)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute the denoiser's activations in the backward pass (less memory)"}
+    )
+    offload: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the text encoders and the VAE on the CPU, moved to the device only to encode a batch or "
+            "validate (saves their memory, e.g. FLUX's T5, at a transfer per step)"
+        },
+    )
     # ---- reward
     reward_model: str | None = field(
         default=None, metadata={"help": "a RAHF model folder: validation images are scored with it"}
@@ -212,6 +264,7 @@ class LoRAFineTuneArguments:
                 "max_train_samples",
                 "lora_alpha",
                 "validation_resolution",
+                "max_sequence_length",
             ),
             non_negative=("checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers"),
         )
@@ -227,6 +280,10 @@ class LoRAFineTuneArguments:
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"`prediction_type` must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.weighting_scheme is not None and self.weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+            raise ValueError(
+                f"`weighting_scheme` must be one of {list(FLOW_WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}"
+            )
         if not 0.0 <= self.min_masking_rate <= 1.0:
             raise ValueError(f"`min_masking_rate` must lie in [0, 1], got {self.min_masking_rate!r}")
 
@@ -255,37 +312,20 @@ def parse_finetune_args(argv: list[str] | None = None) -> LoRAFineTuneArguments:
 # LoRA: add, save, restore, load into a pipeline
 
 
-def _generator_kind(pipe) -> str:
-    """ "sd" (UNet2DConditionModel + one CLIP text encoder) or "amused" (UVit2DModel + VQ-VAE)."""
-    from diffusers import UNet2DConditionModel, UVit2DModel
+def _generator_kind(pipe, argument: str = "pretrained_model_name_or_path") -> str:
+    """The generator family of a text-to-image pipeline: "sd", "sdxl", "sd3", "flux" or "amused" (an inpainting or
+    image-conditioned denoiser, or an unsupported pipeline, is refused with a `ValueError` naming `argument`)."""
+    from .best_of_n import text_to_image_family
 
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError(
-            f"`pretrained_model_name_or_path` is a {type(pipe).__name__} with two text encoders (SDXL-style), which "
-            "this trainer does not handle; use diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py"
-        )
-    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) and hasattr(pipe, "vae"):
-        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-            raise ValueError(
-                f"`pretrained_model_name_or_path` is a {type(pipe).__name__} whose UNet takes "
-                f"{pipe.unet.config.in_channels} input channels (inpainting or image-conditioned); pass a "
-                "text-to-image pipeline"
-            )
-        return "sd"
-    if isinstance(getattr(pipe, "transformer", None), UVit2DModel) and hasattr(pipe, "vqvae"):
-        return "amused"
-    raise ValueError(
-        f"`pretrained_model_name_or_path` is a {type(pipe).__name__}; LoRA fine-tuning handles Stable Diffusion "
-        "(UNet2DConditionModel) and aMUSEd (UVit2DModel) pipelines"
-    )
+    return text_to_image_family(pipe, argument)
 
 
 def _denoiser(pipe, kind: str) -> torch.nn.Module:
-    return pipe.unet if kind == "sd" else pipe.transformer
+    return pipe.unet if kind in ("sd", "sdxl") else pipe.transformer
 
 
 def _prefix(kind: str) -> str:
-    return "unet" if kind == "sd" else "transformer"
+    return "unet" if kind in ("sd", "sdxl") else "transformer"
 
 
 def get_lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -306,39 +346,52 @@ def lora_checksum(denoiser_or_state: torch.nn.Module | dict[str, torch.Tensor]) 
 
 
 def save_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path, is_main_process: bool = True) -> Path:
-    """Writes `directory/pytorch_lora_weights.safetensors` as diffusers' LoRA scripts do (the format that
-    `pipe.load_lora_weights` reads): `StableDiffusionPipeline.save_lora_weights` for SD, with the adapter's
-    `LoraConfig` as metadata; `AmusedLoraLoaderMixin.save_lora_weights` for aMUSEd. The file is written beside its
-    place and renamed into it, so a kill never leaves a torn LoRA file."""
-    from diffusers import StableDiffusionPipeline
+    """Writes `directory/pytorch_lora_weights.safetensors` as diffusers' LoRA scripts do (the format that the family's
+    `pipe.load_lora_weights` reads), with the adapter's `LoraConfig` as metadata: `StableDiffusionPipeline` /
+    `StableDiffusionXLPipeline.save_lora_weights` (UNet LoRA in diffusers naming, as their scripts convert it),
+    `StableDiffusion3Pipeline` / `FluxPipeline.save_lora_weights` (transformer LoRA in peft naming) and
+    `AmusedLoraLoaderMixin.save_lora_weights`. The file is written beside its place and renamed into it, so a kill
+    never leaves a torn LoRA file."""
+    import diffusers
     from diffusers.loaders import AmusedLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
 
     target = Path(directory) / LORA_WEIGHT_NAME
     if not is_main_process:
         return target
+    if kind not in _LORA_SAVERS:
+        raise ValueError(f"`kind` must be one of {sorted(_LORA_SAVERS)}, got {kind!r}")
     layers = get_lora_state_dict(denoiser)
     scratch = Path(directory) / ".tmp-lora"
     if scratch.exists():
         shutil.rmtree(scratch)  # left by a killed run
     scratch.mkdir(parents=True)
-    if kind == "sd":
-        kwargs: dict[str, Any] = {}
-        if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-            kwargs["unet_lora_adapter_metadata"] = denoiser.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(scratch),
-            unet_lora_layers=convert_state_dict_to_diffusers(layers),
-            safe_serialization=True,
-            **kwargs,
-        )
-    else:
+    if kind == "amused":
         AmusedLoraLoaderMixin.save_lora_weights(str(scratch), transformer_lora_layers=layers, safe_serialization=True)
+    else:
+        saver = getattr(diffusers, _LORA_SAVERS[kind]).save_lora_weights
+        component = _prefix(kind)
+        kwargs: dict[str, Any] = {
+            f"{component}_lora_layers": convert_state_dict_to_diffusers(layers) if component == "unet" else layers
+        }
+        if f"{component}_lora_adapter_metadata" in inspect.signature(saver).parameters:
+            kwargs[f"{component}_lora_adapter_metadata"] = denoiser.peft_config["default"].to_dict()
+        saver(save_directory=str(scratch), safe_serialization=True, **kwargs)
     with open(scratch / LORA_WEIGHT_NAME, "rb") as f:
         os.fsync(f.fileno())
     os.replace(scratch / LORA_WEIGHT_NAME, target)
     shutil.rmtree(scratch)
     return target
+
+
+# The pipeline class whose `save_lora_weights` writes each family's file (aMUSEd: AmusedLoraLoaderMixin's).
+_LORA_SAVERS = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "amused": "AmusedLoraLoaderMixin",
+}
 
 
 def restore_lora(denoiser: torch.nn.Module, kind: str, directory: str | Path) -> None:
@@ -393,7 +446,8 @@ def load_lora_into_pipeline(pipe, lora_dir: str | Path, adapter_name: str | None
 
 
 class ImageCaptionDataset(Dataset):
-    """Image folder rows -> `pixel_values` (3, R, R), `input_ids` and a loss `weight`.
+    """Image folder rows -> `pixel_values` (3, R, R), `input_ids`, the `caption`, a loss `weight`, and SDXL's
+    `original_size` (height, width) and `crop_top_left` (top, left) of the crop in the resized image.
 
     Crops and flips are drawn from a generator seeded by (seed, epoch, index), so they do not depend on the process,
     the worker or what else drew random numbers (a resumed run sees the same crops).
@@ -437,7 +491,7 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _pixels(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    def _pixels(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
         r = self.resolution
         image = image.convert("RGB")
         scale = r / min(image.size)
@@ -452,7 +506,7 @@ class ImageCaptionDataset(Dataset):
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, R, R) in [0, 1]
-        return x * 2.0 - 1.0 if self.normalize else x
+        return (x * 2.0 - 1.0 if self.normalize else x), (top, left)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
@@ -468,16 +522,26 @@ class ImageCaptionDataset(Dataset):
             return_tensors="pt",
         ).input_ids[0]
         weight = 1.0 if self.weights is None else self.weights[index]
+        image = row[self.image_column]
+        pixel_values, crop_top_left = self._pixels(image, rng)
         return {
-            "pixel_values": self._pixels(row[self.image_column], rng),
+            "pixel_values": pixel_values,
             "input_ids": input_ids,
+            "caption": caption,
+            "original_size": torch.tensor([image.height, image.width]),
+            "crop_top_left": torch.tensor(crop_top_left),
             "weight": torch.tensor(weight, dtype=torch.float32),
             "index": torch.tensor(index),
         }
 
 
-def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([e[k] for e in examples]) for k in ("pixel_values", "input_ids", "weight", "index")}
+_TENSOR_KEYS = ("pixel_values", "input_ids", "original_size", "crop_top_left", "weight", "index")
+
+
+def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {k: torch.stack([e[k] for e in examples]) for k in _TENSOR_KEYS}
+    batch["caption"] = [e["caption"] for e in examples]
+    return batch
 
 
 def _load_rows(args: LoRAFineTuneArguments):
@@ -543,62 +607,33 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _sd_loss(batch, pipe, denoiser, noise_scheduler, args, weight_dtype) -> torch.Tensor:
-    """Per-image noise-prediction MSE (B,), as in diffusers' train_text_to_image_lora.py."""
-    with torch.no_grad():
-        latents = pipe.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-        latents = latents * pipe.vae.config.scaling_factor
-        encoder_hidden_states = pipe.text_encoder(batch["input_ids"], return_dict=False)[0]
-    noise = torch.randn_like(latents)
-    if args.noise_offset:
-        noise = noise + args.noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), device=latents.device, dtype=latents.dtype
-        )
-    bsz = latents.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unknown prediction type {noise_scheduler.config.prediction_type!r}")
-    model_pred = denoiser(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    """Per-image noise-prediction MSE (B,) of a Stable Diffusion 1.x/2.x UNet, as in train_text_to_image_lora.py."""
+    encoded = encode_batch(batch, pipe, "sd", args, weight_dtype, batch["pixel_values"].device)
+    return denoising_loss(encoded, denoiser, "sd", noise_scheduler, args)
 
 
 def _amused_loss(batch, pipe, denoiser, args, weight_dtype) -> torch.Tensor:
     """Per-image masked-token cross-entropy (B,), as in diffusers' train_amused.py."""
-    config = denoiser.module.config if hasattr(denoiser, "module") else denoiser.config
-    with torch.no_grad():
-        pixel_values = batch["pixel_values"].to(pipe.vqvae.dtype)
-        bsz = pixel_values.shape[0]
-        image_tokens = pipe.vqvae.quantize(pipe.vqvae.encode(pixel_values).latents)[2][2].reshape(bsz, -1)
-        out = pipe.text_encoder(batch["input_ids"], return_dict=True, output_hidden_states=True)
-        cond_embeds, encoder_hidden_states = out.text_embeds, out.hidden_states[-2]
-    seq_len = image_tokens.shape[1]
-    timesteps = torch.rand(bsz, device=image_tokens.device)
-    mask_prob = torch.cos(timesteps * math.pi * 0.5).clip(args.min_masking_rate)
-    num_masked = (seq_len * mask_prob).round().clamp(min=1)
-    mask = torch.rand(bsz, seq_len, device=image_tokens.device).argsort(dim=-1) < num_masked.unsqueeze(-1)
-    mask_id = config.vocab_size - 1
-    input_ids = torch.where(mask, mask_id, image_tokens)
-    labels = torch.where(mask, image_tokens, -100)
-    side = int(math.isqrt(seq_len))
-    resolution = args.resolution
-    micro_conds = torch.tensor(
-        [resolution, resolution, 0, 0, 6], device=image_tokens.device, dtype=encoder_hidden_states.dtype
-    ).expand(bsz, -1)
-    logits = denoiser(
-        input_ids.reshape(bsz, side, side),
-        encoder_hidden_states=encoder_hidden_states,
-        micro_conds=micro_conds,
-        pooled_text_emb=cond_embeds,
-    )
-    logits = logits.reshape(bsz, config.codebook_size, -1).permute(0, 2, 1)  # (B, L, codebook)
-    ce = F.cross_entropy(
-        logits.reshape(-1, config.codebook_size).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).reshape(bsz, seq_len)
-    return ce.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+    encoded = encode_batch(batch, pipe, "amused", args, weight_dtype, batch["pixel_values"].device)
+    return denoising_loss(encoded, denoiser, "amused", None, args)
+
+
+def _frozen_modules(pipe, kind: str) -> list[torch.nn.Module]:
+    """The pipeline's modules besides the denoiser (text encoders, VAE / VQ-VAE): frozen, used only to encode."""
+    denoiser = _denoiser(pipe, kind)
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module) and m is not denoiser]
+
+
+@contextlib.contextmanager
+def _frozen_on_device(pipe, kind: str, args, device: torch.device) -> Iterator[None]:
+    """With `--offload`, the frozen modules on `device` inside the block and back on the CPU after it."""
+    if not args.offload:
+        yield
+        return
+    from diffusers.training_utils import offload_models
+
+    with offload_models(*_frozen_modules(pipe, kind), device=device, offload=True):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -608,19 +643,21 @@ def _amused_loss(batch, pipe, denoiser, args, weight_dtype) -> torch.Tensor:
 @torch.no_grad()
 def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path, accelerator) -> dict[str, float]:
     """Generates the validation prompts (fixed seeds), scores them, writes images and jsonl rows; main process only."""
+    from .best_of_n import text_to_image_call_kwargs
+
     was_training = denoiser.training
     denoiser.eval()
     folder = output_dir / "validation" / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     size = args.validation_resolution or args.resolution
-    kwargs: dict[str, Any] = {
-        "num_inference_steps": args.validation_num_inference_steps,
-        "height": size,
-        "width": size,
-        "output_type": "pil",
-    }
-    if args.validation_guidance_scale is not None:
-        kwargs["guidance_scale"] = args.validation_guidance_scale
+    kwargs = text_to_image_call_kwargs(
+        pipe,
+        args.validation_num_inference_steps,
+        height=size,
+        width=size,
+        guidance_scale=args.validation_guidance_scale,
+        max_sequence_length=args.max_sequence_length,
+    )
 
     rows = []
     devices = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []
@@ -630,7 +667,11 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
         images = []
         # Training's RNG stream stays untouched; autocast only around the generator (the reward model runs in its
         # own precision, so that scores compare across runs).
-        with torch.random.fork_rng(devices=devices), accelerator.autocast():
+        with (
+            torch.random.fork_rng(devices=devices),
+            accelerator.autocast(),
+            _frozen_on_device(pipe, kind, args, accelerator.device),
+        ):
             for seed in seeds:
                 images += pipe(prompt, generator=torch.Generator(gen_device).manual_seed(seed), **kwargs).images
         scores, table = None, {}
@@ -679,12 +720,11 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
-    from .best_of_n import load_text_to_image_pipeline
+    from .best_of_n import as_text_to_image_pipeline, load_text_to_image_pipeline
 
     output_dir = Path(args.output_dir)
     logging_dir = output_dir / args.logging_dir
@@ -711,25 +751,33 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         pipe = load_text_to_image_pipeline(
             args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant
         )
+    else:
+        pipe = as_text_to_image_pipeline(pipe, "pipe")
     kind = _generator_kind(pipe)
+    _check_family_args(pipe, kind, args)
     pipe.set_progress_bar_config(disable=True)
+    denoiser = _denoiser(pipe, kind)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
+            device = "cpu" if args.offload and component is not denoiser else accelerator.device
+            # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in float32, as in the script.
+            keep_fp32 = kind == "sdxl" and component is pipe.vae and getattr(pipe.vae.config, "force_upcast", False)
             # (a dtype argument, even float32, makes diffusers warn about modules it would keep in float32)
-            component.to(accelerator.device) if weight_dtype == torch.float32 else component.to(
-                accelerator.device, dtype=weight_dtype
+            component.to(device) if weight_dtype == torch.float32 or keep_fp32 else component.to(
+                device, dtype=weight_dtype
             )
-    denoiser = _denoiser(pipe, kind)
     set_seed(args.seed)
     denoiser.add_adapter(
         LoraConfig(
             r=args.rank,
             lora_alpha=args.lora_alpha or args.rank,
             init_lora_weights="gaussian",
-            target_modules=list(args.lora_target_modules or DEFAULT_TARGET_MODULES),
+            target_modules=list(args.lora_target_modules or LORA_TARGET_MODULES[kind]),
         )
     )
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
     if accelerator.mixed_precision == "fp16":
         cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA in fp32, the frozen rest in fp16
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -737,11 +785,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         raise ValueError(
             f"`lora_target_modules` {args.lora_target_modules!r} matched no module of the {kind} denoiser"
         )
-    noise_scheduler = None
-    if kind == "sd":
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        if args.prediction_type is not None:
-            noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    noise_scheduler = training_noise_scheduler(pipe, kind, args.prediction_type)
 
     # 2. Checkpoints hold the LoRA as pytorch_lora_weights.safetensors; loading puts exactly it back.
     def save_model_hook(models, weights, ckpt_dir):
@@ -766,7 +810,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         args.resolution,
         args.center_crop,
         args.random_flip,
-        normalize=kind == "sd",
+        normalize=kind != "amused",
         image_column=args.image_column,
         caption_column=args.caption_column,
         weights=weights,
@@ -912,10 +956,9 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
             loader = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in loader:
             with accelerator.accumulate(denoiser_ddp):
-                if kind == "sd":
-                    per_image = _sd_loss(batch, pipe, denoiser_ddp, noise_scheduler, args, weight_dtype)
-                else:
-                    per_image = _amused_loss(batch, pipe, denoiser_ddp, args, weight_dtype)
+                with _frozen_on_device(pipe, kind, args, accelerator.device):
+                    encoded = encode_batch(batch, pipe, kind, args, weight_dtype, accelerator.device)
+                per_image = denoising_loss(encoded, denoiser_ddp, kind, noise_scheduler, args)
                 loss = (per_image * batch["weight"].to(per_image.device)).mean()
                 guard.observe(loss)
                 accelerator.backward(loss)
@@ -993,6 +1036,23 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _check_family_args(pipe, kind: str, args: LoRAFineTuneArguments) -> None:
+    """Settings the family cannot train with, refused before any work."""
+    if kind in ("sd3", "flux"):
+        # The latent grid must split into the transformer's patches (FLUX: 2x2 packing).
+        patch = 2 if kind == "flux" else _denoiser(pipe, kind).config.patch_size
+        multiple = pipe.vae_scale_factor * patch
+        if args.resolution % multiple:
+            raise ValueError(
+                f"`resolution` must be a multiple of {multiple} for this {kind} pipeline (VAE factor "
+                f"{pipe.vae_scale_factor} x patch {patch}), got {args.resolution}"
+            )
+    if args.prediction_type is not None and kind not in ("sd", "sdxl"):
+        raise ValueError(
+            f"`prediction_type` {args.prediction_type!r} applies to the SD / SDXL UNets, not to this {kind} pipeline"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
