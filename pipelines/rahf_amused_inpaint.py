@@ -95,9 +95,10 @@ class RAHFAmusedInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "reward_model->text_encoder->transformer->vqvae"
+    # The reward model stays on the accelerator under `enable_model_cpu_offload` (see `RAHFInpaintPipeline`).
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     _optional_components: list[str] = []
-    _exclude_from_cpu_offload = ["vqvae"]
+    _exclude_from_cpu_offload = ["vqvae", "reward_model"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(

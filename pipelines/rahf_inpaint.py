@@ -1,11 +1,13 @@
 """`RAHFInpaintPipeline`: repair the region RAHF flags (heatmap -> mask -> K inpainted candidates -> rescore -> best).
 
-The paper's §5 / Fig. 9 use of the heatmaps, on any Stable Diffusion inpainting pipeline. The aMUSEd variant, which
-shares every step but generation, is `rahf.pipelines.rahf_amused_inpaint.RAHFAmusedInpaintPipeline`.
+The paper's §5 / Fig. 9 use of the heatmaps. The flow every family shares is `RAHFInpaintMixin`; `RAHFLatentInpaintMixin`
+adds generation by a diffusers inpainting pipeline, used here for Stable Diffusion 1.x/2.x and by the SDXL, SD3 and
+FLUX classes (`rahf_sdxl_inpaint`, `rahf_sd3_inpaint`, `rahf_flux_inpaint`); aMUSEd's is `rahf_amused_inpaint`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,14 @@ from rahf import RAHFModel, RAHFProcessor, RichFeedbackPredictor, load_image
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DEFAULT_MASK_CONFIG", "RAHFInpaintMixin", "RAHFInpaintPipeline", "RAHFInpaintPipelineOutput"]
+__all__ = [
+    "DEFAULT_MASK_CONFIG",
+    "RAHFInpaintMixin",
+    "RAHFInpaintPipeline",
+    "RAHFInpaintPipelineOutput",
+    "RAHFLatentInpaintMixin",
+    "check_unet_channels",
+]
 
 # Pipeline defaults: the 40/255 threshold; specks under 0.1% of the image dropped; the mask grown by 3% of the shorter
 # side (about 15 px at 512) so that the repaint covers the artifact's surroundings; a 1% seam blended inside the mask.
@@ -40,19 +49,19 @@ EXAMPLE_DOC_STRING = """
     Examples:
         ```py
         >>> import torch
-        >>> from diffusers import StableDiffusionInpaintPipeline
+        >>> from diffusers import StableDiffusionXLPipeline
         >>> from rahf import RAHFModel, RAHFProcessor
-        >>> from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
+        >>> from rahf.pipelines import AutoRAHFInpaintPipeline
 
-        >>> inpainter = StableDiffusionInpaintPipeline.from_pretrained(
-        ...     "stable-diffusion-v1-5/stable-diffusion-inpainting", torch_dtype=torch.float16
-        ... )
-        >>> pipe = RAHFInpaintPipeline.from_pipe(
-        ...     inpainter,
+        >>> sdxl = StableDiffusionXLPipeline.from_pretrained(
+        ...     "stabilityai/stable-diffusion-xl-base-1.0", torch_dtype=torch.float16
+        ... )  # any text-to-image or inpainting checkpoint of SD 1.x/2.x, SDXL, SD3 or FLUX
+        >>> pipe = AutoRAHFInpaintPipeline.from_pipe(
+        ...     sdxl,
         ...     reward_model=RAHFModel.from_pretrained("path/to/rahf"),
         ...     reward_processor=RAHFProcessor.from_pretrained("path/to/rahf"),
-        ...     dtype=torch.float16,  # from_pipe casts to float32 otherwise
-        ... ).to("cuda")
+        ... )  # keeps the pipeline's dtype
+        >>> pipe.enable_model_cpu_offload()  # the reward model stays on the GPU
         >>> out = pipe("a cat on a wooden table", image="cat.png", num_candidates=4, threshold=0.3, dilation=0.03)
         >>> out.repaired, out.original_score, out.candidate_scores
         >>> out.images[0].save("repaired.png")
@@ -425,15 +434,258 @@ class RAHFInpaintMixin:
         return self._output(image, candidates, scores, per_name, heat, mask, output_type, return_dict)
 
 
-class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
+# Arguments the repair flow sets itself, with what to pass instead; the rest of the wrapped pipeline's `__call__`
+# arguments pass through `**inpaint_kwargs`.
+_RESERVED_INPAINT_KWARGS = {
+    "image": "pass it as `image`",
+    "mask_image": "the mask comes from `heatmap` (pass a 0/1 array there to use your own)",
+    "masked_image_latents": "the mask comes from `heatmap` (pass a 0/1 array there to use your own)",
+    "num_images_per_prompt": "use `num_candidates`",
+    "latents": "the candidates' noise comes from `generator`",
+    "prompt_embeds": "pass `prompt`: RAHF rates the image against the same text",
+    "negative_prompt_embeds": "pass `negative_prompt`",
+    "pooled_prompt_embeds": "pass `prompt`: RAHF rates the image against the same text",
+    "negative_pooled_prompt_embeds": "pass `negative_prompt`",
+}
+
+
+def _call_default(pipeline_class: type, name: str) -> Any:
+    """The default of `name` in `pipeline_class.__call__` (None when it has none)."""
+    param = inspect.signature(pipeline_class.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+class RAHFLatentInpaintMixin(RAHFInpaintMixin):
     r"""
-    Repairs what RAHF flags in an image: predicts the implausibility (or misalignment) heatmap, thresholds and dilates
-    it into a mask, inpaints K candidates in one batched Stable Diffusion inpainting call, pastes the input back
-    outside the mask, rescores candidates and input with RAHF in one batch and returns the best (or the input when
-    nothing beats it, or when the mask is empty).
+    Step 4 of the repair flow for latent-diffusion families (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX): the K
+    candidates come from one call of the family's diffusers inpainting pipeline, built on this pipeline's own
+    components (shared, not copied), so its denoising loop is diffusers' own. Inpainting checkpoints and any
+    text-to-image checkpoint both work: with a denoiser that takes only latents, diffusers blends the noised input's
+    latents in outside the mask at every step.
+
+    A family's class registers the components of its inpainting pipeline plus `reward_model` and `reward_processor`,
+    and fills in the hooks: `inpaint_pipeline_class` (the wrapped class, or `_inpaint_pipeline_cls`),
+    `generation_multiple`, `_check_denoiser` (the channel counts it accepts) and, if its wrapped class takes
+    configuration arguments, `_inpaint_pipeline_kwargs`. `__call__` passes every argument it does not own to the
+    wrapped pipeline's `__call__` (`eta`, `clip_skip`, `prompt_2`, `max_sequence_length`, `true_cfg_scale`, ...).
+    """
+
+    _inpaint_pipeline_cls: type[DiffusionPipeline]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Per-family hooks
+
+    def inpaint_pipeline_class(self) -> type[DiffusionPipeline]:
+        """The diffusers inpainting pipeline class that generates the candidates."""
+        return type(self)._inpaint_pipeline_cls
+
+    def _inpaint_pipeline_kwargs(self) -> dict[str, Any]:
+        """Configuration arguments of the wrapped class's `__init__` that are not read from this pipeline's config."""
+        return {}
+
+    def _check_denoiser(self) -> None:
+        """Raises a ValueError naming the denoiser when its input channels fit neither inpainting path."""
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def inpaint_pipeline(self) -> DiffusionPipeline:
+        """The wrapped inpainting pipeline on this pipeline's own components (shared, not copied), which generates the
+        candidates. Built per call, so that swapped components (`pipe.unet = ...`) are always used."""
+        cls = self.inpaint_pipeline_class()
+        modules, config_names = cls._get_signature_keys(cls)
+        components = self.components
+        kwargs = {name: components.get(name) for name in modules}
+        overrides = self._inpaint_pipeline_kwargs()
+        for name in config_names:
+            if name in overrides:
+                kwargs[name] = overrides[name]
+            elif name in self.config:
+                kwargs[name] = self.config[name]
+        pipe = cls(**kwargs)
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    def _check_generator_inputs(self, generator: Any, callback_on_step_end_tensor_inputs: Any) -> None:
+        self._check_denoiser()
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
+                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
+            )
+
+    def _check_inpaint_kwargs(self, pipeline_class: type, inpaint_kwargs: Mapping[str, Any]) -> None:
+        """The arguments passed through to the wrapped `__call__` exist there and are not ones the flow sets."""
+        params = inspect.signature(pipeline_class.__call__).parameters
+        accepted = {k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+        for name in inpaint_kwargs:
+            if name in _RESERVED_INPAINT_KWARGS:
+                raise ValueError(f"`{name}` is set by the repair flow: {_RESERVED_INPAINT_KWARGS[name]}")
+            if name not in accepted:
+                others = sorted(
+                    accepted - set(_RESERVED_INPAINT_KWARGS) - set(inspect.signature(self.__call__).parameters)
+                )
+                raise ValueError(
+                    f"`{name}` is not an argument of {pipeline_class.__name__}.__call__, which generates the "
+                    f"candidates of {type(self).__name__}; besides the repair arguments it takes {others}"
+                )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Memory: the VAE decodes the K candidates at once; slicing decodes them one by one, tiling in overlapping tiles.
+
+    def enable_vae_slicing(self) -> None:
+        """Decode the K candidates one at a time (`vae.enable_slicing()`), for less memory at large K."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode in overlapping tiles (`vae.enable_tiling()`), for less memory at large sizes."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str,
+        image: PIL.Image.Image | np.ndarray | str,
+        heatmap: str | np.ndarray = "implausibility",
+        threshold: float | None = None,
+        dilation: float | None = None,
+        feather: float | None = None,
+        mask_config: MaskConfig | dict[str, Any] | None = None,
+        num_candidates: int = 4,
+        rescore_with: str | dict[str, float] = "plausibility",
+        strength: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        **inpaint_kwargs: Any,
+    ) -> RAHFInpaintPipelineOutput | tuple:
+        r"""
+        Repairs `image`: RAHF heatmap -> mask -> `num_candidates` inpaintings in one call of the wrapped inpainting
+        pipeline -> the input pasted back outside the mask -> RAHF rescoring -> the best.
+
+        Args:
+            prompt (`str`): the image's prompt; RAHF rates against it and the inpainter is conditioned on it.
+            image (`PIL.Image.Image`, `np.ndarray` or path): the image to repair, any size and mode.
+            heatmap (`str` or `np.ndarray`, *optional*, defaults to `"implausibility"`): which RAHF heatmap drives the
+                mask (`"implausibility"` or `"misalignment"`), or your own (H, W) heat in [0, 1] at the image's size
+                (a 0/1 mask works: any threshold below 1 keeps it).
+            threshold (`float`, *optional*): heat level in [0, 1] above which pixels are repaired; overrides
+                `mask_config` (default 40/255). 1.0 repairs nothing.
+            dilation (`float`, *optional*): radius the mask grows by, as a fraction of the shorter side (default
+                0.03); overrides `mask_config`.
+            feather (`float`, *optional*): width of the blending seam inside the mask, a fraction of the shorter side
+                (default 0.01); overrides `mask_config`.
+            mask_config (`MaskConfig` or `dict`, *optional*): every mask option (quantile threshold, minimum area,
+                dilation iterations, ...); defaults to `DEFAULT_MASK_CONFIG`.
+            num_candidates (`int`, *optional*, defaults to 4): K, the candidates inpainted in one batched call.
+            rescore_with (`str` or `dict[str, float]`, *optional*, defaults to `"plausibility"`): the RAHF score that
+                ranks candidates, or weights over several (their weighted mean is used).
+            strength (`float`, *optional*, defaults to 1.0): how much of the masked region is renoised (1.0: all).
+            num_inference_steps (`int`, *optional*), guidance_scale (`float`, *optional*), negative_prompt (`str`,
+                *optional*): passed to the wrapped pipeline; `None` keeps its own default.
+            height (`int`, *optional*), width (`int`, *optional*): the generation size (multiples of
+                `generation_multiple`); defaults to the input's size rounded to them. Candidates are resized back to
+                the input's size.
+            generator (`torch.Generator` or a list of K, *optional*): makes generation deterministic.
+            output_type (`str`, *optional*, defaults to `"pil"`): `"pil"` or `"np"` (floats in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`): return a [`RAHFInpaintPipelineOutput`] or a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called at
+                the end of each denoising step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, where
+                `pipe` is the wrapped inpainting pipeline (so callbacks written for it work as is).
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback; any of
+                `_callback_tensor_inputs`; defaults to `["latents"]`.
+            **inpaint_kwargs: any other argument of the wrapped pipeline's `__call__` (`eta`, `clip_skip`,
+                `cross_attention_kwargs`, `prompt_2`, `max_sequence_length`, `true_cfg_scale`, ...); an unknown name
+                raises a ValueError listing the accepted ones.
+
+        Examples:
+
+        Returns:
+            [`RAHFInpaintPipelineOutput`] or `tuple`: `(images, candidates, candidate_scores, original_score, heatmap,
+            mask, repaired, scores)`.
+        """
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Check inputs (the wrapped class depends on the denoiser, so it is checked first)
+        self._check_denoiser()
+        inpainter_class = self.inpaint_pipeline_class()
+        if num_inference_steps is None:
+            num_inference_steps = _call_default(inpainter_class, "num_inference_steps")
+        passed = {"guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
+        call_kwargs = {**{k: v for k, v in passed.items() if v is not None}, **inpaint_kwargs}
+        self._check_inpaint_kwargs(inpainter_class, call_kwargs)
+        image, config, weights, gen_size = self.check_inputs(
+            prompt,
+            image,
+            heatmap,
+            num_candidates,
+            rescore_with,
+            mask_config,
+            threshold,
+            dilation,
+            feather,
+            strength,
+            num_inference_steps,
+            height,
+            width,
+            generator,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+
+        # 4. Inpaint all K candidates in one batched call of the wrapped pipeline (steps 1-3 and 5-7: `_repair`)
+        def generate(gen_image: PIL.Image.Image, gen_mask: np.ndarray) -> list[PIL.Image.Image]:
+            return self.inpaint_pipeline()(
+                prompt=prompt,
+                image=gen_image,
+                mask_image=PIL.Image.fromarray(gen_mask.astype(np.uint8) * 255),
+                height=gen_size[1],
+                width=gen_size[0],
+                strength=strength,
+                num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_candidates,
+                generator=generator,
+                output_type="pil",
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                **call_kwargs,
+            ).images
+
+        return self._repair(prompt, image, heatmap, config, weights, gen_size, output_type, return_dict, generate)
+
+
+class RAHFInpaintPipeline(RAHFLatentInpaintMixin, DiffusionPipeline):
+    r"""
+    Repairs what RAHF flags in an image with Stable Diffusion 1.x/2.x: predicts the implausibility (or misalignment)
+    heatmap, thresholds and dilates it into a mask, inpaints K candidates in one batched Stable Diffusion inpainting
+    call, pastes the input back outside the mask, rescores candidates and input with RAHF in one batch and returns the
+    best (or the input when nothing beats it, or when the mask is empty).
 
     This model inherits from [`DiffusionPipeline`]; generation is [`StableDiffusionInpaintPipeline.__call__`] run on the
-    same components (no copy of its denoising loop).
+    same components (no copy of its denoising loop). The SDXL, SD3 and FLUX counterparts are
+    `RAHFStableDiffusionXLInpaintPipeline`, `RAHFStableDiffusion3InpaintPipeline` and `RAHFFluxInpaintPipeline`;
+    `AutoRAHFInpaintPipeline.from_pipe` picks the right one.
 
     Args:
         vae ([`AutoencoderKL`] or [`AsymmetricAutoencoderKL`]), text_encoder ([`~transformers.CLIPTextModel`]),
@@ -463,10 +715,13 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "reward_model->text_encoder->image_encoder->unet->vae"
+    # The reward model is left out of the offload chain: it stays on the accelerator (it runs before the text encoder
+    # and after the VAE, so offloading it would move it twice per call).
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    _exclude_from_cpu_offload = ["safety_checker"]
+    _exclude_from_cpu_offload = ["safety_checker", "reward_model"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"]
+    _inpaint_pipeline_cls = StableDiffusionInpaintPipeline
 
     def __init__(
         self,
@@ -498,161 +753,25 @@ class RAHFInpaintPipeline(RAHFInpaintMixin, DiffusionPipeline):
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
 
-    def inpaint_pipeline(self) -> StableDiffusionInpaintPipeline:
-        """The [`StableDiffusionInpaintPipeline`] on this pipeline's own components (shared, not copied), which
-        generates the candidates. Built per call, so that swapped components (`pipe.unet = ...`) are always used."""
-        pipe = StableDiffusionInpaintPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=self.safety_checker,
-            feature_extractor=self.feature_extractor,
-            image_encoder=self.image_encoder,
-            requires_safety_checker=False,  # the check ran (or not) when this pipeline was built
-        )
-        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return pipe
+    def _inpaint_pipeline_kwargs(self) -> dict[str, Any]:
+        return {"requires_safety_checker": False}  # the check ran (or not) when this pipeline was built
 
     @property
     def generation_multiple(self) -> int:
         """Generation sizes are rounded to multiples of this (8, or the VAE's factor when larger)."""
         return max(8, self.vae_scale_factor)
 
-    def _check_generator_inputs(self, generator: Any, callback_on_step_end_tensor_inputs: Any) -> None:
-        in_channels, latent_channels = self.unet.config.in_channels, self.vae.config.latent_channels
-        # 9 channels: an inpainting UNet (latents, mask, masked-image latents). A text-to-image UNet (as many channels
-        # as the latents) inpaints as diffusers does with it: the noised input's latents are blended in outside the
-        # mask at every step.
-        if in_channels not in (2 * latent_channels + 1, latent_channels):
-            raise ValueError(
-                f"`unet` must be a text-to-image UNet ({latent_channels} input channels) or an inpainting UNet "
-                f"({2 * latent_channels + 1}: latents, mask, masked-image latents), got in_channels={in_channels}"
-            )
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
-                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
-            )
+    def _check_denoiser(self) -> None:
+        check_unet_channels(self.unet, self.vae)
 
-    @torch.no_grad()
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(
-        self,
-        prompt: str,
-        image: PIL.Image.Image | np.ndarray | str,
-        heatmap: str | np.ndarray = "implausibility",
-        threshold: float | None = None,
-        dilation: float | None = None,
-        feather: float | None = None,
-        mask_config: MaskConfig | dict[str, Any] | None = None,
-        num_candidates: int = 4,
-        rescore_with: str | dict[str, float] = "plausibility",
-        strength: float = 1.0,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-    ) -> RAHFInpaintPipelineOutput | tuple:
-        r"""
-        Repairs `image`: RAHF heatmap -> mask -> `num_candidates` inpaintings -> RAHF rescoring -> the best.
 
-        Args:
-            prompt (`str`): the image's prompt; RAHF rates against it and the inpainter is conditioned on it.
-            image (`PIL.Image.Image`, `np.ndarray` or path): the image to repair, any size and mode.
-            heatmap (`str` or `np.ndarray`, *optional*, defaults to `"implausibility"`): which RAHF heatmap drives the
-                mask (`"implausibility"` or `"misalignment"`), or your own (H, W) heat in [0, 1] at the image's size
-                (a 0/1 mask works: any threshold below 1 keeps it).
-            threshold (`float`, *optional*): heat level in [0, 1] above which pixels are repaired; overrides
-                `mask_config` (default 40/255). 1.0 repairs nothing.
-            dilation (`float`, *optional*): radius the mask grows by, as a fraction of the shorter side (default
-                0.03); overrides `mask_config`.
-            feather (`float`, *optional*): width of the blending seam inside the mask, a fraction of the shorter side
-                (default 0.01); overrides `mask_config`.
-            mask_config (`MaskConfig` or `dict`, *optional*): every mask option (quantile threshold, minimum area,
-                dilation iterations, ...); defaults to `DEFAULT_MASK_CONFIG`.
-            num_candidates (`int`, *optional*, defaults to 4): K, the candidates inpainted in one batched call.
-            rescore_with (`str` or `dict[str, float]`, *optional*, defaults to `"plausibility"`): the RAHF score that
-                ranks candidates, or weights over several (their weighted mean is used).
-            strength, num_inference_steps, guidance_scale, negative_prompt, eta, cross_attention_kwargs, clip_skip:
-                passed to [`StableDiffusionInpaintPipeline.__call__`].
-            height (`int`, *optional*), width (`int`, *optional*): the generation size (multiples of 8); defaults to
-                the input's size rounded to multiples of 8. Candidates are resized back to the input's size.
-            generator (`torch.Generator` or a list of K, *optional*): makes generation deterministic.
-            output_type (`str`, *optional*, defaults to `"pil"`): `"pil"` or `"np"` (floats in [0, 1]).
-            return_dict (`bool`, *optional*, defaults to `True`): return a [`RAHFInpaintPipelineOutput`] or a tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called at
-                the end of each denoising step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, where
-                `pipe` is the internal [`StableDiffusionInpaintPipeline`] (so callbacks written for it work as is).
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback; any of
-                `_callback_tensor_inputs`; defaults to `["latents"]`.
-
-        Examples:
-
-        Returns:
-            [`RAHFInpaintPipelineOutput`] or `tuple`: `(images, candidates, candidate_scores, original_score, heatmap,
-            mask, repaired, scores)`.
-        """
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-
-        # 0. Check inputs
-        image, config, weights, gen_size = self.check_inputs(
-            prompt,
-            image,
-            heatmap,
-            num_candidates,
-            rescore_with,
-            mask_config,
-            threshold,
-            dilation,
-            feather,
-            strength,
-            num_inference_steps,
-            height,
-            width,
-            generator,
-            output_type,
-            callback_on_step_end_tensor_inputs,
+def check_unet_channels(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
+    """A UNet inpaints with 2 * latent + 1 input channels (latents, mask, masked-image latents) or, as a text-to-image
+    UNet with as many channels as the latents, by the noised input's latents blended in outside the mask at every
+    step (Stable Diffusion and SDXL alike); anything else raises a ValueError naming `unet`."""
+    in_channels, latent_channels = unet.config.in_channels, vae.config.latent_channels
+    if in_channels not in (2 * latent_channels + 1, latent_channels):
+        raise ValueError(
+            f"`unet` must be a text-to-image UNet ({latent_channels} input channels) or an inpainting UNet "
+            f"({2 * latent_channels + 1}: latents, mask, masked-image latents), got in_channels={in_channels}"
         )
-
-        # 4. Inpaint all K candidates in one batched call of the inpainting pipeline (steps 1-3 and 5-7: `_repair`)
-        def generate(gen_image: PIL.Image.Image, gen_mask: np.ndarray) -> list[PIL.Image.Image]:
-            return self.inpaint_pipeline()(
-                prompt=prompt,
-                image=gen_image,
-                mask_image=PIL.Image.fromarray(gen_mask.astype(np.uint8) * 255),
-                height=gen_size[1],
-                width=gen_size[0],
-                strength=strength,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt,
-                num_images_per_prompt=num_candidates,
-                eta=eta,
-                generator=generator,
-                output_type="pil",
-                cross_attention_kwargs=cross_attention_kwargs,
-                clip_skip=clip_skip,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            ).images
-
-        return self._repair(prompt, image, heatmap, config, weights, gen_size, output_type, return_dict, generate)

@@ -3,6 +3,7 @@ dilation, bad input, saving/loading (incl. custom_pipeline), aMUSEd, the CLI and
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class CallCounter:
         for cls in (StableDiffusionInpaintPipeline, AmusedInpaintPipeline):
             original = cls.__call__
 
+            # `functools.wraps` keeps the signature, which the RAHF pipelines read to check pass-through arguments.
+            @functools.wraps(original)
             def wrapped(pipe, *args, _original=original, **kwargs):
                 self.generator_calls.append(kwargs)
                 return _original(pipe, *args, **kwargs)
