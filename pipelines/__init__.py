@@ -5,7 +5,7 @@ on first use.
 Examples:
 
 ```python
->>> from rahf.pipelines import RAHFInpaintPipeline, RAHFGuidedStableDiffusionPipeline, heatmap_to_mask
+>>> from rahf.pipelines import AutoRAHFInpaintPipeline, RAHFGuidedStableDiffusionPipeline, heatmap_to_mask
 ```
 """
 
@@ -20,6 +20,10 @@ _EXPORTS = {
     "RAHFInpaintPipelineOutput": ".rahf_inpaint",
     "RAHFInpaintMixin": ".rahf_inpaint",
     "DEFAULT_MASK_CONFIG": ".rahf_inpaint",
+    "RAHFLatentInpaintMixin": ".rahf_inpaint",
+    "RAHFStableDiffusionXLInpaintPipeline": ".rahf_sdxl_inpaint",
+    "RAHFStableDiffusion3InpaintPipeline": ".rahf_sd3_inpaint",
+    "RAHFFluxInpaintPipeline": ".rahf_flux_inpaint",
     "RAHFAmusedInpaintPipeline": ".rahf_amused_inpaint",
     "RAHFGuidedStableDiffusionPipeline": ".rahf_guided",
     "RAHFGuidedStableDiffusionPipelineOutput": ".rahf_guided",
@@ -30,19 +34,25 @@ _EXPORTS = {
     "override_mask_config": ".masks",
     "SUPPORTED_FAMILIES": ".families",
     "generator_family": ".families",
+    "AutoRAHFInpaintPipeline": ".auto",
     "from_inpaint_pipe": ".auto",
     "rahf_inpaint_class_for": ".auto",
 }
 
 __all__ = [
     "DEFAULT_MASK_CONFIG",
+    "AutoRAHFInpaintPipeline",
     "MaskConfig",
     "RAHFAmusedInpaintPipeline",
+    "RAHFFluxInpaintPipeline",
     "RAHFGuidedStableDiffusionPipeline",
     "RAHFGuidedStableDiffusionPipelineOutput",
     "RAHFInpaintMixin",
     "RAHFInpaintPipeline",
     "RAHFInpaintPipelineOutput",
+    "RAHFLatentInpaintMixin",
+    "RAHFStableDiffusion3InpaintPipeline",
+    "RAHFStableDiffusionXLInpaintPipeline",
     "SUPPORTED_FAMILIES",
     "SUPPORTED_SCHEDULERS",
     "from_inpaint_pipe",
@@ -54,15 +64,24 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .auto import from_inpaint_pipe, rahf_inpaint_class_for
+    from .auto import AutoRAHFInpaintPipeline, from_inpaint_pipe, rahf_inpaint_class_for
     from .families import SUPPORTED_FAMILIES, generator_family
     from .masks import MaskConfig, heatmap_to_mask, mask_to_pil, override_mask_config
     from .rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+    from .rahf_flux_inpaint import RAHFFluxInpaintPipeline
     from .rahf_guided import (
         SUPPORTED_SCHEDULERS,
         RAHFGuidedStableDiffusionPipeline,
         RAHFGuidedStableDiffusionPipelineOutput,
     )
-    from .rahf_inpaint import DEFAULT_MASK_CONFIG, RAHFInpaintMixin, RAHFInpaintPipeline, RAHFInpaintPipelineOutput
+    from .rahf_inpaint import (
+        DEFAULT_MASK_CONFIG,
+        RAHFInpaintMixin,
+        RAHFInpaintPipeline,
+        RAHFInpaintPipelineOutput,
+        RAHFLatentInpaintMixin,
+    )
+    from .rahf_sd3_inpaint import RAHFStableDiffusion3InpaintPipeline
+    from .rahf_sdxl_inpaint import RAHFStableDiffusionXLInpaintPipeline
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

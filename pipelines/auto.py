@@ -1,43 +1,141 @@
-"""Picking the RAHF pipeline class that fits a diffusers pipeline a user already has, from its components.
+"""Picking the RAHF pipeline class that fits a diffusers pipeline a user already has, from its components: the front
+doors `AutoRAHFInpaintPipeline.from_pipe` / `from_pretrained`, as diffusers' `AutoPipelineForInpainting` is one.
 
 Examples:
 
 ```python
->>> from rahf.pipelines.auto import from_inpaint_pipe
->>> pipe = from_inpaint_pipe(sd_inpaint_pipe, reward_model, reward_processor)  # a RAHFInpaintPipeline
+>>> from rahf.pipelines import AutoRAHFInpaintPipeline
+>>> pipe = AutoRAHFInpaintPipeline.from_pipe(flux_pipe, reward_model=model, reward_processor=processor)
+>>> type(pipe).__name__
+'RAHFFluxInpaintPipeline'
 ```
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+from rahf.pipelines.families import generator_family
 from rahf.pipelines.loading import dtype_kwarg
 
-__all__ = ["from_inpaint_pipe", "rahf_inpaint_class_for"]
+__all__ = [
+    "AutoRAHFInpaintPipeline",
+    "RAHF_INPAINT_PIPELINES",
+    "from_inpaint_pipe",
+    "rahf_inpaint_class_for",
+    "rahf_inpaint_class_named",
+]
+
+# Generator family -> (module, class) of its RAHF repair pipeline.
+RAHF_INPAINT_PIPELINES = {
+    "sd": ("rahf.pipelines.rahf_inpaint", "RAHFInpaintPipeline"),
+    "sdxl": ("rahf.pipelines.rahf_sdxl_inpaint", "RAHFStableDiffusionXLInpaintPipeline"),
+    "sd3": ("rahf.pipelines.rahf_sd3_inpaint", "RAHFStableDiffusion3InpaintPipeline"),
+    "flux": ("rahf.pipelines.rahf_flux_inpaint", "RAHFFluxInpaintPipeline"),
+    "amused": ("rahf.pipelines.rahf_amused_inpaint", "RAHFAmusedInpaintPipeline"),
+}
 
 
-def rahf_inpaint_class_for(pipe: Any) -> type:
-    """The RAHF inpainting pipeline class that fits `pipe`'s components: aMUSEd (vqvae + transformer) or Stable
-    Diffusion (unet + vae)."""
-    components = getattr(pipe, "components", {})
-    if "vqvae" in components and "transformer" in components:
-        from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
+def _load_class(module: str, name: str) -> type:
+    return getattr(importlib.import_module(module), name)
 
-        return RAHFAmusedInpaintPipeline
-    if "unet" in components and "vae" in components:
-        from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
 
-        return RAHFInpaintPipeline
-    raise ValueError(
-        f"`inpainter` must be a Stable Diffusion inpainting or an aMUSEd pipeline, got {type(pipe).__name__} with "
-        f"components {sorted(components)}"
-    )
+def rahf_inpaint_class_for(pipe: Any, argument: str = "pipe") -> type:
+    """The RAHF repair pipeline class of `pipe`'s generator family (any text-to-image, image-to-image or inpainting
+    pipeline of Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX or aMUSEd); a ValueError naming the supported families
+    otherwise."""
+    return _load_class(*RAHF_INPAINT_PIPELINES[generator_family(pipe, argument)])
+
+
+def rahf_inpaint_class_named(class_name: str | None) -> type | None:
+    """The RAHF repair pipeline class called `class_name` (a saved pipeline's `_class_name`), or None."""
+    for module, name in RAHF_INPAINT_PIPELINES.values():
+        if name == class_name:
+            return _load_class(module, name)
+    return None
+
+
+class AutoRAHFInpaintPipeline:
+    r"""
+    Builds the RAHF repair pipeline of a generator's family: [`RAHFInpaintPipeline`] (Stable Diffusion 1.x/2.x),
+    [`RAHFStableDiffusionXLInpaintPipeline`], [`RAHFStableDiffusion3InpaintPipeline`], [`RAHFFluxInpaintPipeline`]
+    (FLUX.1, Fill or text-to-image) or [`RAHFAmusedInpaintPipeline`]. A text-to-image pipeline works as well as an
+    inpainting one. Not instantiable: use `from_pipe` or `from_pretrained`.
+
+    Examples:
+
+    ```python
+    >>> from rahf._testing_diffusers import tiny_sd3_pipeline
+    >>> from rahf.pipelines import AutoRAHFInpaintPipeline
+    >>> from rahf.testing import tiny_rahf_model, tiny_rahf_processor
+    >>> pipe = AutoRAHFInpaintPipeline.from_pipe(
+    ...     tiny_sd3_pipeline(), reward_model=tiny_rahf_model(), reward_processor=tiny_rahf_processor()
+    ... )
+    >>> type(pipe).__name__
+    'RAHFStableDiffusion3InpaintPipeline'
+    ```
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise OSError(
+            f"{type(self).__name__} is built with `{type(self).__name__}.from_pipe(pipe, reward_model=..., "
+            f"reward_processor=...)` or `{type(self).__name__}.from_pretrained(path, ...)`"
+        )
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, **kwargs: Any) -> Any:
+        """The family's RAHF repair pipeline on `pipe`'s components (shared, not copied).
+
+        Args:
+            pipe: a diffusers pipeline of a supported family (text-to-image, image-to-image or inpainting), or a RAHF
+                pipeline (its reward model is kept unless another is passed).
+            **kwargs: `reward_model`, `reward_processor` (required unless `pipe` has them) and any other keyword of
+                `DiffusionPipeline.from_pipe`. The pipeline's dtype is kept unless `dtype` / `torch_dtype` is given
+                (`from_pipe` casts every component, the reward model included, to float32 otherwise).
+
+        Raises:
+            `ValueError`: `pipe` is of no supported family (the message names the supported ones), or has no reward
+            model and none is passed.
+        """
+        rahf_class = rahf_inpaint_class_for(pipe)
+        components = getattr(pipe, "components", {})
+        missing = [k for k in ("reward_model", "reward_processor") if kwargs.get(k, components.get(k)) is None]
+        if missing:
+            raise ValueError(
+                f"`{missing[0]}` is required: {type(pipe).__name__} has none; pass the trained RAHF model and its "
+                "processor (`RAHFModel.from_pretrained(dir)`, `RAHFProcessor.from_pretrained(dir)`)"
+            )
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwarg(pipe.dtype))
+        return rahf_class.from_pipe(pipe, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_or_path: str, **kwargs: Any) -> Any:
+        """A saved RAHF repair pipeline (its own class, reward model included), or any diffusers pipeline of a
+        supported family (loaded with `DiffusionPipeline.from_pretrained`, then `from_pipe` with `reward_model` and
+        `reward_processor`, which are then required).
+
+        Args:
+            pretrained_model_or_path (`str`): a folder or a hub id.
+            **kwargs: `reward_model`, `reward_processor`, and the keywords of `DiffusionPipeline.from_pretrained`
+                (`dtype` / `torch_dtype`, `variant`, ...).
+        """
+        from diffusers import DiffusionPipeline
+
+        config = DiffusionPipeline.load_config(pretrained_model_or_path)
+        rahf_class = rahf_inpaint_class_named(config.get("_class_name"))
+        if rahf_class is not None:
+            return rahf_class.from_pretrained(pretrained_model_or_path, **kwargs)
+        reward = {k: kwargs.pop(k) for k in ("reward_model", "reward_processor") if k in kwargs}
+        if len(reward) < 2:
+            raise ValueError(
+                f"`reward_model` and `reward_processor` are required: {pretrained_model_or_path!r} is a "
+                f"{config.get('_class_name')}, which has no reward model"
+            )
+        return cls.from_pipe(DiffusionPipeline.from_pretrained(pretrained_model_or_path, **kwargs), **reward)
 
 
 def from_inpaint_pipe(pipe: Any, reward_model: Any, reward_processor: Any) -> Any:
-    """`RAHF*InpaintPipeline.from_pipe(pipe, ...)` for whichever kind of inpainting pipeline `pipe` is, keeping its
-    dtype (`from_pipe` casts every component, shared ones included, to float32 unless told otherwise)."""
-    return rahf_inpaint_class_for(pipe).from_pipe(
-        pipe, reward_model=reward_model, reward_processor=reward_processor, **dtype_kwarg(pipe.dtype)
-    )
+    """`AutoRAHFInpaintPipeline.from_pipe(pipe, reward_model=..., reward_processor=...)`, keeping `pipe`'s dtype."""
+    return AutoRAHFInpaintPipeline.from_pipe(pipe, reward_model=reward_model, reward_processor=reward_processor)
