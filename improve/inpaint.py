@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from rahf.pipelines.auto import from_inpaint_pipe
+from rahf.pipelines.auto import AutoRAHFInpaintPipeline, rahf_inpaint_class_named
 from rahf.pipelines.loading import dtype_kwarg
 
 from rahf.precision import torch_dtype
@@ -37,8 +37,6 @@ __all__ = [
     "write_inpaint_result",
 ]
 
-_RAHF_PIPELINES = ("RAHFInpaintPipeline", "RAHFAmusedInpaintPipeline")
-
 
 def parse_rescore_with(value: str) -> str | dict[str, float]:
     """`"plausibility"` -> itself; `"plausibility=1,aesthetics=0.5"` -> `{"plausibility": 1.0, "aesthetics": 0.5}`."""
@@ -49,17 +47,30 @@ def parse_rescore_with(value: str) -> str | dict[str, float]:
 
 
 def load_rahf_inpaint_pipeline(
-    model: str | None, inpainter: str, device: str = "cpu", dtype: torch.dtype | None = None
+    model: str | None,
+    inpainter: str,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
 ) -> Any:
-    """A RAHF inpainting pipeline from a RAHF folder and an inpainting pipeline (folder or hub id).
+    """A RAHF repair pipeline from a RAHF folder and a generator pipeline (folder or hub id) of any supported family:
+    Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX (text-to-image or inpainting checkpoints, FLUX.1 Fill) or aMUSEd.
 
-    `inpainter` may also be a saved RAHF inpainting pipeline, whose own reward model is used unless `model` is given.
+    `inpainter` may also be a saved RAHF repair pipeline, whose own reward model is used unless `model` is given. With
+    `cpu_offload`, the generator's models wait on the CPU and move to `device` one at a time
+    (`enable_model_cpu_offload`); the reward model stays on `device`.
     """
     from diffusers import DiffusionPipeline
 
     from rahf import RAHFModel, RAHFProcessor
 
-    if dtype in (torch.float16, torch.bfloat16) and str(device).split(":")[0] == "cpu":
+    on_cpu = str(device).split(":")[0] == "cpu"
+    if cpu_offload and on_cpu:
+        raise ValueError(
+            "`--cpu_offload` moves the generator's models to an accelerator one at a time; it needs `--device` cuda "
+            "(or another accelerator), got cpu"
+        )
+    if dtype in (torch.float16, torch.bfloat16) and on_cpu:
         raise ValueError(
             f"`--dtype` {dtype} on a CPU would run in emulated half precision, 10-100x slower than float32; drop "
             "--dtype (or pass fp32) on a CPU"
@@ -80,16 +91,21 @@ def load_rahf_inpaint_pipeline(
         class_name = DiffusionPipeline.load_config(inpainter).get("_class_name")
     except (OSError, ValueError) as err:
         raise ValueError(f"`--inpainter` {inpainter!r} is not a diffusers pipeline ({err})") from err
-    if class_name in _RAHF_PIPELINES:
-        from rahf.pipelines.rahf_amused_inpaint import RAHFAmusedInpaintPipeline
-        from rahf.pipelines.rahf_inpaint import RAHFInpaintPipeline
-
-        cls = RAHFInpaintPipeline if class_name == "RAHFInpaintPipeline" else RAHFAmusedInpaintPipeline
-        pipe = cls.from_pretrained(inpainter, **reward, **kwargs)
+    rahf_class = rahf_inpaint_class_named(class_name)
+    if rahf_class is not None:
+        pipe = rahf_class.from_pretrained(inpainter, **reward, **kwargs)
     else:
         if model is None:
             raise ValueError(f"`--model` is required: {inpainter!r} is a {class_name}, which has no reward model")
-        pipe = from_inpaint_pipe(DiffusionPipeline.from_pretrained(inpainter, **kwargs), **reward)
+        # The class the checkpoint was saved with (text-to-image or inpainting), then the family's RAHF class on its
+        # components: a text-to-image checkpoint inpaints through its family's latent-blending path.
+        try:
+            pipe = AutoRAHFInpaintPipeline.from_pipe(DiffusionPipeline.from_pretrained(inpainter, **kwargs), **reward)
+        except ValueError as err:
+            raise ValueError(f"`--inpainter` {inpainter!r}: {err}") from err
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
@@ -154,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--inpainter",
         required=True,
-        help="Stable Diffusion inpainting or aMUSEd pipeline: a folder "
-        "or a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting)",
+        help="a text-to-image or inpainting pipeline of Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX (Fill too) or "
+        "aMUSEd: a folder or a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0), or a saved RAHF repair pipeline",
     )
     parser.add_argument("--image", required=True, help="the image to repair")
     parser.add_argument("--prompt", required=True, help="its prompt")
@@ -190,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop flagged specks smaller than this fraction of the image (default 0.001)",
     )
     parser.add_argument("--num_candidates", type=int, default=4)
-    parser.add_argument(
-        "--num_inference_steps", type=int, default=None, help="default: 50 for Stable Diffusion, 12 for aMUSEd"
-    )
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="default: the inpainting pipeline's own")
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 prompt length for SD3 and FLUX (default: the pipeline's own, 256 or 512)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--rescore_with",
@@ -207,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=["fp32", "fp16", "bf16"],
         help="load the pipeline in this dtype (default: as saved, float32 for most checkpoints)",
+    )
+    parser.add_argument(
+        "--cpu_offload",
+        action="store_true",
+        help="keep the generator's models on the CPU, each moved to --device while it runs (enable_model_cpu_offload); "
+        "the reward model stays on --device",
+    )
+    parser.add_argument(
+        "--vae_slicing", action="store_true", help="decode the candidates one at a time (less memory at large K)"
+    )
+    parser.add_argument(
+        "--vae_tiling", action="store_true", help="encode and decode in tiles (less memory at large sizes)"
     )
     return parser
 
@@ -232,8 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     mask_config = override_mask_config(DEFAULT_MASK_CONFIG, **overrides)
 
     pipe = load_rahf_inpaint_pipeline(
-        args.model, args.inpainter, device=device, dtype=torch_dtype(args.dtype) if args.dtype else None
+        args.model,
+        args.inpainter,
+        device=device,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
+        cpu_offload=args.cpu_offload,
     )
+    for flag, method in (("vae_slicing", "enable_vae_slicing"), ("vae_tiling", "enable_vae_tiling")):
+        if getattr(args, flag):
+            if not hasattr(pipe, method):
+                raise ValueError(
+                    f"`--{flag}`: {type(pipe).__name__} has no VAE to slice or tile (aMUSEd's is a VQ model)"
+                )
+            getattr(pipe, method)()
     call: dict[str, Any] = {
         "heatmap": heatmap,
         "threshold": args.threshold,
@@ -245,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "strength": args.strength,
         "generator": torch.Generator(device="cpu").manual_seed(args.seed),
     }
-    for name in ("num_inference_steps", "guidance_scale"):
+    for name in ("num_inference_steps", "guidance_scale", "max_sequence_length"):
         if getattr(args, name) is not None:
             call[name] = getattr(args, name)
     out = pipe(args.prompt, image, **call)
@@ -262,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "strength": args.strength,
+        "max_sequence_length": args.max_sequence_length,
         "seed": args.seed,
         "rescore_with": rescore_with,
         "device": device,
         "dtype": args.dtype,
+        "cpu_offload": args.cpu_offload,
     }
     heatmap_name = args.heatmap if isinstance(heatmap, str) else "heatmap"
     result = write_inpaint_result(out, image, args.out, args.prompt, heatmap_name, settings)
