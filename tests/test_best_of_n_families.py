@@ -139,3 +139,8 @@ def test_inpainting_and_unsupported_pipelines_are_refused(assets, tmp_path):
         parse_best_of_n_args(["--max_sequence_length", "0"])
     # The SD pipelines of before keep their call: no T5 argument.
     assert "max_sequence_length" not in text_to_image_call_kwargs(tiny_sd_pipeline(), 2, max_sequence_length=32)
+
+
+def test_flux_config_parses():
+    args = parse_best_of_n_args(["--config", "configs/improve/best_of_n_flux.yaml", "--num_images_per_prompt", "2"])
+    assert (args.num_images_per_prompt, args.num_inference_steps, args.max_sequence_length) == (2, 4, 256)

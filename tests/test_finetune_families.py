@@ -319,3 +319,10 @@ def test_restore_lora_round_trips_each_family(tmp_path):
         assert lora_checksum(modules[0]) != lora_checksum(modules[1])
         restore_lora(modules[1], family, tmp_path / family)
         assert lora_checksum(modules[0]) == lora_checksum(modules[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_configs_parse(family):
+    args = parse_finetune_args(["--config", f"configs/improve/finetune_lora_{family}.yaml", "--max_train_steps", "3"])
+    assert args.max_train_steps == 3 and args.gradient_checkpointing and args.train_data_dir
+    assert args.weighting_scheme == {"sdxl": None, "sd3": "logit_normal", "flux": "none"}[family]
