@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from improve_utils import make_image_folder, read_jsonl
+from improve_utils import make_image_folder, read_jsonl, save_tiny_rahf
 from PIL import Image
 from rahf.improve import finetune
 from rahf.improve.denoising_losses import (
@@ -24,6 +24,7 @@ from rahf.improve.finetune import (
     LORA_WEIGHT_NAME,
     ImageCaptionDataset,
     _collate,
+    load_lora_into_pipeline,
     lora_checksum,
     parse_finetune_args,
     restore_lora,
@@ -107,6 +108,8 @@ def trained(request, assets):
     extra = ["--validation_prompts", VALIDATION_PROMPT, "--validation_num_inference_steps", 2]
     if family == "flux":
         extra += ["--gradient_checkpointing"]  # the job path with it on; equality is tested below
+    if family == "sd3":
+        extra += ["--reward_model", save_tiny_rahf(assets["root"] / "rahf")]  # validation images scored by RAHF
     summary = _run(_argv(assets, family, out, *extra))
     return {"family": family, "out": out, "summary": summary}
 
@@ -156,6 +159,9 @@ def test_job_trains_with_a_finite_loss_and_moves_the_lora(trained):
     assert {k.split(".lora")[0] for k in state} == targets
     assert any(t.endswith("ff.net.2") for t in targets) == (family == "flux")
     assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora.up." in k or ".lora_B." in k)  # B left zero
+    if family == "sd3":
+        scored = [r for r in read_jsonl(out / "logs" / "train_log.jsonl") if "val/reward" in r]
+        assert [r["step"] for r in scored] == [0, 3] and all(0 <= r["val/reward"] <= 1 for r in scored)
 
 
 def test_lora_loads_back_with_load_lora_weights_and_reproduces_the_trained_outputs(trained, assets):
@@ -170,7 +176,7 @@ def test_lora_loads_back_with_load_lora_weights_and_reproduces_the_trained_outpu
     before = _generate(pipe, first["seed"])
     # The job's step-0 validation image is the plain pipeline's output for that seed ...
     assert np.abs(before - np.asarray(Image.open(out / first["file_name"]), dtype=np.int16)).max() <= 1
-    pipe.load_lora_weights(str(out))  # the family's own loader
+    load_lora_into_pipeline(pipe, out)  # the family's own load_lora_weights
     after = _generate(pipe, last["seed"])
     # ... and the reloaded LoRA gives what the fine-tuned pipeline gave at the end of training.
     assert np.abs(after - np.asarray(Image.open(out / last["file_name"]), dtype=np.int16)).max() <= 1
