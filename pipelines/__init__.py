@@ -27,6 +27,11 @@ _EXPORTS = {
     "RAHFAmusedInpaintPipeline": ".rahf_amused_inpaint",
     "RAHFGuidedStableDiffusionPipeline": ".rahf_guided",
     "RAHFGuidedStableDiffusionPipelineOutput": ".rahf_guided",
+    "RAHFGuidedStableDiffusionXLPipeline": ".rahf_guided_sdxl",
+    "RAHFGuidedStableDiffusion3Pipeline": ".rahf_guided_sd3",
+    "RAHFGuidedFluxPipeline": ".rahf_guided_flux",
+    "RAHFGuidedPipelineOutput": ".guidance",
+    "AutoRAHFGuidedPipeline": ".auto",
     "SUPPORTED_SCHEDULERS": ".rahf_guided",
     "MaskConfig": ".masks",
     "heatmap_to_mask": ".masks",
@@ -40,6 +45,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AutoRAHFGuidedPipeline",
     "DEFAULT_MASK_CONFIG",
     "AutoRAHFInpaintPipeline",
     "MaskConfig",
@@ -47,6 +53,10 @@ __all__ = [
     "RAHFFluxInpaintPipeline",
     "RAHFGuidedStableDiffusionPipeline",
     "RAHFGuidedStableDiffusionPipelineOutput",
+    "RAHFGuidedStableDiffusionXLPipeline",
+    "RAHFGuidedStableDiffusion3Pipeline",
+    "RAHFGuidedFluxPipeline",
+    "RAHFGuidedPipelineOutput",
     "RAHFInpaintMixin",
     "RAHFInpaintPipeline",
     "RAHFInpaintPipelineOutput",
@@ -64,8 +74,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .auto import AutoRAHFInpaintPipeline, from_inpaint_pipe, rahf_inpaint_class_for
+    from .auto import AutoRAHFGuidedPipeline, AutoRAHFInpaintPipeline, from_inpaint_pipe, rahf_inpaint_class_for
     from .families import SUPPORTED_FAMILIES, generator_family
+    from .guidance import RAHFGuidedPipelineOutput
     from .masks import MaskConfig, heatmap_to_mask, mask_to_pil, override_mask_config
     from .rahf_amused_inpaint import RAHFAmusedInpaintPipeline
     from .rahf_flux_inpaint import RAHFFluxInpaintPipeline
@@ -74,6 +85,9 @@ if TYPE_CHECKING:
         RAHFGuidedStableDiffusionPipeline,
         RAHFGuidedStableDiffusionPipelineOutput,
     )
+    from .rahf_guided_flux import RAHFGuidedFluxPipeline
+    from .rahf_guided_sd3 import RAHFGuidedStableDiffusion3Pipeline
+    from .rahf_guided_sdxl import RAHFGuidedStableDiffusionXLPipeline
     from .rahf_inpaint import (
         DEFAULT_MASK_CONFIG,
         RAHFInpaintMixin,

@@ -139,3 +139,93 @@ class AutoRAHFInpaintPipeline:
 def from_inpaint_pipe(pipe: Any, reward_model: Any, reward_processor: Any) -> Any:
     """`AutoRAHFInpaintPipeline.from_pipe(pipe, reward_model=..., reward_processor=...)`, keeping `pipe`'s dtype."""
     return AutoRAHFInpaintPipeline.from_pipe(pipe, reward_model=reward_model, reward_processor=reward_processor)
+
+
+# --- Guidance --------------------------------------------------------------------------------------------------------
+
+# Generator family -> (module, class) of its RAHF-guided sampling pipeline.
+RAHF_GUIDED_PIPELINES = {
+    "sd": ("rahf.pipelines.rahf_guided", "RAHFGuidedStableDiffusionPipeline"),
+    "sdxl": ("rahf.pipelines.rahf_guided_sdxl", "RAHFGuidedStableDiffusionXLPipeline"),
+    "sd3": ("rahf.pipelines.rahf_guided_sd3", "RAHFGuidedStableDiffusion3Pipeline"),
+    "flux": ("rahf.pipelines.rahf_guided_flux", "RAHFGuidedFluxPipeline"),
+}
+__all__ += ["AutoRAHFGuidedPipeline", "RAHF_GUIDED_PIPELINES", "rahf_guided_class_for"]
+
+
+def rahf_guided_class_for(pipe: Any, argument: str = "pipe") -> type:
+    """The RAHF-guided pipeline class of `pipe`'s generator family (any text-to-image, image-to-image or inpainting
+    pipeline of Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX); a ValueError naming the supported families otherwise
+    (aMUSEd samples discrete tokens: there is no gradient to guide with)."""
+    import importlib
+
+    from rahf.pipelines.families import generator_family
+
+    family = generator_family(pipe, argument)
+    if family not in RAHF_GUIDED_PIPELINES:
+        raise ValueError(
+            f"`{argument}` is a {family} pipeline ({type(pipe).__name__}), which RAHF guidance does not support: it "
+            f"needs a differentiable denoising path; supported: {', '.join(RAHF_GUIDED_PIPELINES)} (Stable Diffusion "
+            "1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)"
+        )
+    module, name = RAHF_GUIDED_PIPELINES[family]
+    return getattr(importlib.import_module(module), name)
+
+
+class AutoRAHFGuidedPipeline:
+    r"""
+    Builds the RAHF-guided sampling pipeline of a generator's family: [`RAHFGuidedStableDiffusionPipeline`],
+    [`RAHFGuidedStableDiffusionXLPipeline`], [`RAHFGuidedStableDiffusion3Pipeline`] or [`RAHFGuidedFluxPipeline`],
+    all on the one guidance mechanism of `rahf.pipelines.guidance`. Any text-to-image, image-to-image or inpainting
+    pipeline of these families gives its components (an inpainting checkpoint whose denoiser reads extra channels
+    cannot sample from noise and is refused). Not instantiable: use `from_pipe`.
+
+    Examples:
+
+    ```python
+    >>> from rahf._testing_diffusers import tiny_flux_pipeline
+    >>> from rahf.pipelines import AutoRAHFGuidedPipeline
+    >>> from rahf.testing import tiny_rahf_model, tiny_rahf_processor
+    >>> pipe = AutoRAHFGuidedPipeline.from_pipe(
+    ...     tiny_flux_pipeline(), reward_model=tiny_rahf_model(), reward_processor=tiny_rahf_processor()
+    ... )
+    >>> type(pipe).__name__
+    'RAHFGuidedFluxPipeline'
+    ```
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise OSError(
+            f"{type(self).__name__} is built with `{type(self).__name__}.from_pipe(pipe, reward_model=..., "
+            "reward_processor=...)`"
+        )
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, **kwargs: Any) -> Any:
+        """The family's RAHF-guided pipeline on `pipe`'s components (shared, not copied).
+
+        Args:
+            pipe: a diffusers pipeline of a supported family, or a RAHF pipeline (its reward model is kept unless
+                another is passed).
+            **kwargs: `reward_model`, `reward_processor` (optional: without them only a callable `reward` can guide)
+                and any other keyword of `DiffusionPipeline.from_pipe`. The pipeline's dtype is kept unless `dtype` /
+                `torch_dtype` is given.
+
+        Raises:
+            `ValueError`: `pipe` is of no supported family (the message names the supported ones), or its denoiser
+            is an inpainting one (extra input channels).
+        """
+        rahf_class = rahf_guided_class_for(pipe)
+        components = getattr(pipe, "components", {})
+        denoiser = components.get("unet") or components.get("transformer")
+        config = denoiser.config
+        out_channels = getattr(config, "out_channels", None) or config.in_channels
+        if config.in_channels != out_channels:
+            raise ValueError(
+                f"`pipe`'s {type(denoiser).__name__} reads {config.in_channels} input channels for {out_channels} "
+                "output ones (an inpainting / Fill checkpoint): it cannot sample text-to-image; pass a text-to-image "
+                "checkpoint of the family"
+            )
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwarg(pipe.dtype))
+        return rahf_class.from_pipe(pipe, **kwargs)
