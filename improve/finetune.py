@@ -603,19 +603,7 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Losses
-
-
-def _sd_loss(batch, pipe, denoiser, noise_scheduler, args, weight_dtype) -> torch.Tensor:
-    """Per-image noise-prediction MSE (B,) of a Stable Diffusion 1.x/2.x UNet, as in train_text_to_image_lora.py."""
-    encoded = encode_batch(batch, pipe, "sd", args, weight_dtype, batch["pixel_values"].device)
-    return denoising_loss(encoded, denoiser, "sd", noise_scheduler, args)
-
-
-def _amused_loss(batch, pipe, denoiser, args, weight_dtype) -> torch.Tensor:
-    """Per-image masked-token cross-entropy (B,), as in diffusers' train_amused.py."""
-    encoded = encode_batch(batch, pipe, "amused", args, weight_dtype, batch["pixel_values"].device)
-    return denoising_loss(encoded, denoiser, "amused", None, args)
+# Encoding on the device (--offload)
 
 
 def _frozen_modules(pipe, kind: str) -> list[torch.nn.Module]:
