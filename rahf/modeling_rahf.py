@@ -434,6 +434,11 @@ class RAHFModel(RAHFPreTrainedModel):
                 if isinstance(m, (RAHFHeatmapHead, RAHFSeparateHeatmapHead)):
                     m.out._rahf_heatmap_out = True
         self.post_init()
+        # The blocks FSDP wraps one by one (accelerate's transformer wrap policy takes these when no class is named):
+        # only those this model holds, since a class named but absent is an error there (post_init gathers the
+        # towers' lists, and SigLIP's names its text half).
+        present = {type(m).__name__ for m in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Building from pretrained towers
