@@ -294,6 +294,11 @@ BAD_INPUTS = {
     "strength": ({"strength": 0.0}, "`strength`"),
     "prompt": ({"prompt": ""}, "`prompt`"),
     "image-list": ({"image": [_image(), _image()]}, "`image`"),
+    "unknown-argument": (
+        {"not_an_argument": 1},
+        "`not_an_argument` is not an argument of StableDiffusionInpaintPipeline",
+    ),
+    "reserved-argument": ({"num_images_per_prompt": 2}, "`num_images_per_prompt` is set by the repair flow"),
 }
 
 

@@ -268,15 +268,17 @@ def test_auto_pipeline_refuses_what_it_cannot_repair_with(reward) -> None:
 # Fitting where users run them: offload, VAE slicing / tiling, bf16
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux"])
+@pytest.mark.parametrize("name", list(TINY_FAMILY_BUILDERS))
 def test_model_cpu_offload_leaves_the_reward_model_alone(name, reward) -> None:
     """accelerate's offload hooks need an accelerator to be worth anything; on CPU the call path is shown with the
     execution device set to the CPU: every generator model gets a hook, the reward model none (it stays on its
     device), and the repair is the same as without offloading."""
-    builder, rahf_class, _, extra, _ = FAMILIES[name]
-    pipe = rahf_class.from_pipe(
-        builder(), reward_model=tiny_rahf_model(seed=1), reward_processor=reward["reward_processor"]
-    )
+    extra = T5 if name in ("sd3", "flux") else {}
+    pipe = AutoRAHFInpaintPipeline.from_pipe(
+        TINY_FAMILY_BUILDERS[name][0](),
+        reward_model=tiny_rahf_model(seed=1),
+        reward_processor=reward["reward_processor"],
+    )  # from each family's text-to-image pipeline
     pipe.set_progress_bar_config(disable=True)
     plain = _repair(pipe, extra, num_inference_steps=1)
     pipe.enable_model_cpu_offload(device="cpu")
