@@ -234,11 +234,12 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forward = torch.compile(model) if compile_model else model
 
-    def step(self, batch: dict, annotate: bool = False) -> torch.Tensor:
+    def step(self, batch: dict, annotate: bool = False, uncompiled: bool = False) -> torch.Tensor:
         rf = torch.profiler.record_function if annotate else (lambda _name: contextlib.nullcontext())
         sync = (lambda: synchronize(self.device)) if annotate else (lambda: None)
+        forward = self.model if uncompiled else self.forward  # the FLOP counter sees no op inside a compiled graph
         with rf("forward"), autocast(self.device, self.dtype):
-            loss = self.forward(**batch).loss
+            loss = forward(**batch).loss
         sync()
         with rf("backward"):
             loss.backward()
@@ -286,7 +287,9 @@ def bench_training(model, processor, dataset, args, device, dtype, peak) -> list
         batches = cycle(loader)
         batch = to_device(next(batches), device)
         # Model FLOPs of one step (forward + backward; the optimizer's elementwise work is not counted).
-        flops = eager_flops(model, lambda b=batch: trainer.step(b), "train_step", batch_size, device.type == "cpu")
+        flops = eager_flops(
+            model, lambda b=batch: trainer.step(b, uncompiled=True), "train_step", batch_size, device.type == "cpu"
+        )
         for _ in range(args.warmup):
             trainer.step(to_device(next(batches), device))
         synchronize(device)
@@ -465,13 +468,16 @@ def bench_forward(model, processor, dataset, args, device, dtype, peak) -> dict:
     flops = eager_flops(model, run, "forward", args.batch_sizes[0], False)
     for _ in range(args.warmup):
         run()
-    times = []
+    times, paired = [], []
     for _ in range(args.iters):
+        # A GEMM peak right before each forward: on a shared machine the load drifts, and a pair sees the same one.
+        local_peak = matmul_peak(device, dtype, 2048, 2) if device.type == "cpu" else peak
         synchronize(device)
         t0 = time.perf_counter()
         run()
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        paired.append(flops / times[-1] / local_peak)
     t = float(np.median(times))
     row = {
         "workload": "forward",
@@ -481,6 +487,8 @@ def bench_forward(model, processor, dataset, args, device, dtype, peak) -> dict:
         "flops_per_s": flops / t,
         "peak_flops_per_s": peak,
         "share_of_peak": flops / t / peak,
+        # each forward over the peak measured just before it (CPU), the median of the pairs
+        "share_of_paired_peak": float(np.median(paired)),
     }
     log(row)
     model.train()
@@ -576,18 +584,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.gradient_checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     dataset = build_dataset(max(8, 2 * max(args.batch_sizes)), args.image_side, model.config.heatmap_size)
+
+    def save() -> None:  # after each part, so that a run cut short by a time limit keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**header, "entries": entries}, indent=2) + "\n")
+
+    save()
     if "forward" not in args.skip:
         entries.append(bench_forward(model, processor, dataset, args, device, dtype, peak))
+        save()
     if "train" not in args.skip:
         entries += bench_training(model, processor, dataset, args, device, dtype, peak)
+        save()
     if "profile" not in args.skip:
         breakdown = profile_training(model, processor, dataset, args, device, dtype, args.batch_sizes[0])
         print(json.dumps(breakdown, indent=1), flush=True)
         entries.append({**breakdown, "flops_per_s": None, "peak_flops_per_s": peak, "share_of_peak": None})
+        save()
     if "score" not in args.skip:
         # Scoring in the compute dtype itself (bf16 weights on a GPU), as RichFeedbackPredictor runs it.
         model.zero_grad(set_to_none=True)
         entries += bench_scoring(model, processor, args, device, peak, dtype)
+        save()
     # The peak again at the end, the best of both taken: on a shared machine one measurement can be unlucky. The
     # shares above were divided by the first; they are scaled here if the second was higher.
     second = matmul_peak(*peak_args)
@@ -598,9 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["peak_flops_per_s"] = second
         entries[0]["flops_per_s"] = second
     print(f"matmul peak: {peak:.3g} then {second:.3g} FLOP/s; shares against {max(peak, second):.3g}", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**header, "entries": entries}, indent=2) + "\n")
+    save()
     return 0
 
 

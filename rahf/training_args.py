@@ -140,7 +140,10 @@ class RAHFTrainingArguments:
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit (pip install bitsandbytes)"})
     fused_adam: bool | None = field(
         default=None,
-        metadata={"help": "torch's fused AdamW kernel (the same update); default: on when training on a GPU"},
+        metadata={
+            "help": "torch's fused AdamW kernel (the same update up to rounding, faster); default: on when training "
+            "on a GPU, off on a CPU"
+        },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
 
