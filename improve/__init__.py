@@ -1,5 +1,5 @@
-"""`rahf.improve`: making generators better with RAHF's feedback: best-of-N filtering, LoRA fine-tuning, guided
-sampling and repair jobs, and the demo. The reward they all use is `rahf.reward` (re-exported here). Names are
+"""`rahf.improve`: making generators better with RAHF's feedback: best-of-N filtering, LoRA fine-tuning, reward
+backpropagation and policy-gradient training, guided sampling and repair jobs, and the demo. The reward they all use is `rahf.reward` (re-exported here). Names are
 imported on first use.
 
 Examples:
@@ -27,6 +27,10 @@ _EXPORTS = {
     "LoRAFineTuneArguments": ".finetune",
     "train_lora": ".finetune",
     "load_lora_into_pipeline": ".finetune",
+    "RewardFinetuneArguments": ".reward_finetune",
+    "train_reward_backprop": ".reward_finetune",
+    "PolicyGradientArguments": ".policy_gradient",
+    "train_policy_gradient": ".policy_gradient",
     "GuidedSampleArguments": ".guided_sample",
     "guided_sample": ".guided_sample",
     "load_rahf_inpaint_pipeline": ".inpaint",
@@ -37,7 +41,9 @@ __all__ = [
     "BestOfNArguments",
     "GuidedSampleArguments",
     "LoRAFineTuneArguments",
+    "PolicyGradientArguments",
     "RAHFReward",
+    "RewardFinetuneArguments",
     "get_reward",
     "guided_sample",
     "list_rewards",
@@ -49,6 +55,8 @@ __all__ = [
     "run_best_of_n",
     "run_demo",
     "train_lora",
+    "train_policy_gradient",
+    "train_reward_backprop",
 ]
 
 if TYPE_CHECKING:
@@ -59,5 +67,7 @@ if TYPE_CHECKING:
     from .finetune import LoRAFineTuneArguments, load_lora_into_pipeline, train_lora
     from .guided_sample import GuidedSampleArguments, guided_sample
     from .inpaint import load_rahf_inpaint_pipeline
+    from .policy_gradient import PolicyGradientArguments, train_policy_gradient
+    from .reward_finetune import RewardFinetuneArguments, train_reward_backprop
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

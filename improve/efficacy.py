@@ -10,6 +10,13 @@ held-out prompts, each beside a control that runs the same procedure without RAH
   candidates -> RAHF rescoring); the control inpaints a random mask of the same area (the RAHF mask moved to a random
   place), with the same rescoring.
 - **Guidance** (Fig. 8): RAHF-guided sampling at several scales for a target score; scale 0 is the control.
+- **Reward fine-tuning** (`--experiments reward_backprop policy_gradient policy_gradient_dense`, not run by default:
+  they do not fit the default run's time on a CPU): LoRA trained online on the same selection prompts by
+  backpropagating RAHF's reward through the last sampler step (`rahf.improve.reward_finetune`), by policy gradient with
+  group advantages (`rahf.improve.policy_gradient`), and by the same policy gradient with the advantage placed by RAHF's
+  implausibility heatmap. Each gets the budget of generator forward passes that best-of-N spent (sampling its N images
+  per prompt plus its LoRA's training passes), unless `--method_budget` sets another, and is judged against the
+  original generator side by side like best-of-N.
 
 Held-out prompts are drawn from the synthetic grammar by `--seed` (as are every sampling seed and the random
 controls), apart from the selection prompts and from every prompt the generator trained on.
@@ -18,6 +25,7 @@ controls), apart from the selection prompts and from every prompt the generator 
 rahf efficacy --out efficacy --seed 0                  # all three, the defaults (27 min on one CPU core)
 rahf efficacy --out efficacy-s1 --seed 1 --num_prompts 50
 rahf efficacy --out efficacy-all --summarize efficacy efficacy-s1   # the seeds side by side: mean and spread
+rahf efficacy --out efficacy-ft --experiments best_of_n reward_backprop policy_gradient policy_gradient_dense
 ```
 
 Writes `OUT/efficacy.json`, `OUT/report.md` and its pictures.
@@ -65,6 +73,9 @@ BUCKET_EDGES = {"much": 0.15, "some": 0.025}
 # The prompts of the synthetic grammar that efficacy draws come from renders under this seed offset (held-out and
 # selection prompts alike), far from the seed 0 of the data everything trained on.
 PROMPT_SEED_OFFSET = 424_242
+EXPERIMENTS = ("best_of_n", "repair", "guidance", "reward_backprop", "policy_gradient", "policy_gradient_dense")
+# The reward fine-tuning methods, each judged like best-of-N at best-of-N's budget of generator forward passes.
+ONLINE_METHODS = ("reward_backprop", "policy_gradient", "policy_gradient_dense")
 # What each experiment must show to count as an improvement (shares of held-out prompts / flawed images; relative
 # changes of judged means): the issue's bar, a little above the paper's Table 5 (51.8 % better, 16.8 % worse).
 TARGETS = {
@@ -140,6 +151,23 @@ class EfficacyArguments:
     reward_guidance_scales: list[float] = field(
         default_factory=lambda: [0.5, 1.0, 2.0], metadata={"help": "guidance scales (0 is always added)"}
     )
+    # ---- reward fine-tuning (reward_backprop, policy_gradient, policy_gradient_dense)
+    method_budget: int | None = field(
+        default=None,
+        metadata={"help": "generator forward passes (one denoising step of one image) each fine-tuning method may "
+                          "spend; default: what best-of-N spends with the settings above"},
+    )  # fmt: skip
+    method_reward: str = field(default="plausibility", metadata={"help": "the RAHF reward the methods train on"})
+    backprop_steps: int = field(default=1, metadata={"help": "reward_backprop: K last steps with gradients"})
+    backprop_batch_size: int = field(default=8, metadata={"help": "reward_backprop: images per step"})
+    backprop_learning_rate: float = field(default=3e-4, metadata={"help": "reward_backprop: LoRA learning rate"})
+    backprop_reference_weight: float = field(default=0.0, metadata={"help": "reward_backprop: reference penalty"})
+    pg_group_size: int = field(default=4, metadata={"help": "policy gradient: images per prompt (G)"})
+    pg_batch_size: int = field(default=4, metadata={"help": "policy gradient: prompts per step"})
+    pg_learning_rate: float = field(default=3e-4, metadata={"help": "policy gradient: LoRA learning rate"})
+    pg_train_timestep_fraction: float = field(default=0.5, metadata={"help": "policy gradient: steps trained on"})
+    pg_clip_range: float = field(default=1e-4, metadata={"help": "policy gradient: importance-ratio clip"})
+    pg_heatmap: str = field(default="implausibility", metadata={"help": "policy_gradient_dense: the heatmap"})
     device: str = field(default="cpu", metadata={"help": "where everything runs"})
     summarize: list[str] = field(
         default_factory=list,
@@ -153,12 +181,14 @@ class EfficacyArguments:
             self,
             positive=("num_prompts", "seeds_per_prompt", "num_inference_steps", "num_selection_prompts",
                       "num_images_per_prompt", "finetune_steps", "finetune_batch_size", "lora_rank",
-                      "repair_candidates", "guidance_prompts"),
+                      "repair_candidates", "guidance_prompts", "backprop_steps", "backprop_batch_size",
+                      "pg_group_size", "pg_batch_size"),
+            positive_or_unset=("method_budget",),
             non_negative=("repair_images",),
         )  # fmt: skip
-        unknown = [e for e in self.experiments if e not in ("best_of_n", "repair", "guidance")]
+        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
         if unknown or not self.experiments:
-            raise ValueError(f"`experiments` must name some of best_of_n, repair, guidance, got {self.experiments!r}")
+            raise ValueError(f"`experiments` must name some of {', '.join(EXPERIMENTS)}, got {self.experiments!r}")
         if not 0.0 <= self.threshold_quantile < 1.0:
             raise ValueError(f"`threshold_quantile` must lie in [0, 1), got {self.threshold_quantile!r}")
 
@@ -271,15 +301,43 @@ def _finetune(generator_dir: Path, kept: Path, out: Path, args: EfficacyArgument
     return out
 
 
+def best_of_n_budget(args: EfficacyArguments) -> dict[str, int]:
+    """Generator forward passes best-of-N spends (one denoising step of one image, guidance included): N images per
+    selection prompt, then the LoRA's training passes (one UNet evaluation per image per step)."""
+    sampling = args.num_selection_prompts * args.num_images_per_prompt * args.num_inference_steps
+    training = args.finetune_steps * args.finetune_batch_size
+    return {"generator_forward_passes": sampling + training, "sampling_forward_passes": sampling,
+            "training_forward_passes": training}  # fmt: skip
+
+
+def _heldout_arm(
+    name: str, generator_dir: Path, judge: SynthJudge, heldout: list[str], args: EfficacyArguments, cache: dict,
+    lora: Path | None = None,
+) -> tuple[list[Image.Image], list]:  # fmt: skip
+    """Images and verdicts of one generator on the held-out prompts x seeds (the original's computed once per run)."""
+    from .finetune import load_lora_into_pipeline
+
+    if name in cache:
+        return cache[name]
+    prompts = [p for p in heldout for _ in range(args.seeds_per_prompt)]
+    seeds = [_seed(args.seed, 3, i, j) for i in range(len(heldout)) for j in range(args.seeds_per_prompt)]
+    pipe = _load_generator(generator_dir, args.device)
+    if lora is not None:
+        load_lora_into_pipeline(pipe, lora)
+    images = sample(pipe, prompts, seeds, args)
+    cache[name] = (images, judge(images, prompts))
+    return cache[name]
+
+
 def best_of_n_experiment(
     out: Path, generator_dir: Path, reward_dir: Path, judge: SynthJudge, heldout: list[str], selection: list[str],
-    args: EfficacyArguments,
+    args: EfficacyArguments, cache: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from accelerate.state import AcceleratorState, GradientState
 
     from .best_of_n import BestOfNArguments, run_best_of_n
-    from .finetune import load_lora_into_pipeline
 
+    cache = {} if cache is None else cache
     work = out / "best_of_n"
     work.mkdir(parents=True, exist_ok=True)
     (work / "selection_prompts.txt").write_text("\n".join(selection) + "\n", encoding="utf-8")
@@ -317,15 +375,12 @@ def best_of_n_experiment(
     _finetune(generator_dir, work / "kept_random", work / "lora_random", args)
 
     prompts = [p for p in heldout for _ in range(args.seeds_per_prompt)]
-    seeds = [_seed(args.seed, 3, i, j) for i in range(len(heldout)) for j in range(args.seeds_per_prompt)]
     images: dict[str, list[Image.Image]] = {}
+    verdicts: dict[str, list] = {}
     for arm in ("original", "rahf", "random"):
-        pipe = _load_generator(generator_dir, args.device)
-        if arm != "original":
-            load_lora_into_pipeline(pipe, work / f"lora_{arm}")
-        images[arm] = sample(pipe, prompts, seeds, args)
-        del pipe
-    verdicts = {arm: judge(ims, prompts) for arm, ims in images.items()}
+        lora = None if arm == "original" else work / f"lora_{arm}"
+        images[arm], verdicts[arm] = _heldout_arm(arm if arm == "original" else f"best_of_n_{arm}", generator_dir,
+                                                  judge, heldout, args, cache, lora)  # fmt: skip
     result = _side_by_side(verdicts["original"], verdicts["rahf"], prompts)
     control = _side_by_side(verdicts["original"], verdicts["random"], prompts)
     means = {arm: _judge_means(v) for arm, v in verdicts.items()}
@@ -340,21 +395,121 @@ def best_of_n_experiment(
         "selection_reward_means": mean_reward,
         "num_heldout_images": len(prompts),
         "budget": {
-            "generator_forward_passes": len(rows) * args.num_inference_steps,
+            **best_of_n_budget(args),
             "finetune_steps": args.finetune_steps,
         },  # fmt: skip
         "pictures": {"before_after": "best_of_n/before_after.png"},
     }
 
 
-def _before_after_picture(images: dict[str, list[Image.Image]], prompts: list[str], per: int, path: Path, rows=8):
+def _before_after_picture(images: dict[str, list[Image.Image]], prompts: list[str], per: int, path: Path, rows=8,
+                          titles: list[str] | None = None):  # fmt: skip
     from rahf.viz import image_rows
 
+    arms = ("original", "rahf", "random") if titles is None or titles[1] != titles[2] else ("original", "rahf")
+    titles = (titles or ["original", "RAHF best-of-N", "random keep"])[: len(arms)]
     picked = list(range(min(rows, len(prompts))))
-    grid = [[images[arm][i * per].resize((96, 96)) for arm in ("original", "rahf", "random")] for i in picked]
-    image_rows(grid, [prompts[i] for i in picked], column_titles=["original", "RAHF best-of-N", "random keep"]).save(
-        path
-    )
+    grid = [[images[arm][i * per].resize((96, 96)) for arm in arms] for i in picked]
+    image_rows(grid, [prompts[i] for i in picked], column_titles=titles).save(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward fine-tuning: backpropagation, policy gradient (scalar and heatmap-weighted advantages)
+
+
+def _method_arguments(method: str, generator_dir: Path, reward_dir: Path, prompts_file: Path, work: Path,
+                      args: EfficacyArguments) -> tuple[Any, int]:  # fmt: skip
+    """The job's arguments for `method` and its steps, as many as the budget pays for."""
+    from .policy_gradient import PolicyGradientArguments
+    from .policy_gradient import forward_passes_per_image as pg_cost
+    from .reward_finetune import RewardFinetuneArguments
+    from .reward_finetune import forward_passes_per_image as rb_cost
+
+    budget = args.method_budget or best_of_n_budget(args)["generator_forward_passes"]
+    common = dict(pretrained_model_name_or_path=str(generator_dir), reward_model=str(reward_dir),
+                  prompts_file=str(prompts_file), output_dir=str(work / "run"), reward=args.method_reward,
+                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                  rank=args.lora_rank, seed=_seed(args.seed, 8), checkpointing_steps=0, mixed_precision="no",
+                  logging_steps=5, max_train_steps=1)  # fmt: skip
+    if method == "reward_backprop":
+        job = RewardFinetuneArguments(**common, train_batch_size=args.backprop_batch_size,
+                                      learning_rate=args.backprop_learning_rate, backprop_steps=args.backprop_steps,
+                                      reference_weight=args.backprop_reference_weight)  # fmt: skip
+        per_step = args.backprop_batch_size * rb_cost(job)
+    else:
+        job = PolicyGradientArguments(**common, train_batch_size=args.pg_batch_size, group_size=args.pg_group_size,
+                                      learning_rate=args.pg_learning_rate, clip_range=args.pg_clip_range,
+                                      train_timestep_fraction=args.pg_train_timestep_fraction,
+                                      advantage="dense" if method == "policy_gradient_dense" else "scalar",
+                                      heatmap=args.pg_heatmap)  # fmt: skip
+        per_step = args.pg_batch_size * args.pg_group_size * pg_cost(job)
+    job.max_train_steps = max(1, budget // per_step)
+    return job, budget
+
+
+def online_method_experiment(
+    method: str, out: Path, generator_dir: Path, reward_dir: Path, judge: SynthJudge, heldout: list[str],
+    selection: list[str], args: EfficacyArguments, cache: dict,
+) -> dict[str, Any]:  # fmt: skip
+    """One reward fine-tuning method on the selection prompts, at best-of-N's budget; judged on the held-out prompts
+    side by side against the original generator, as best-of-N is."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from .policy_gradient import train_policy_gradient
+    from .reward_finetune import train_reward_backprop
+
+    work = out / method
+    work.mkdir(parents=True, exist_ok=True)
+    prompts_file = work / "selection_prompts.txt"
+    prompts_file.write_text("\n".join(selection) + "\n", encoding="utf-8")
+    job, budget = _method_arguments(method, generator_dir, reward_dir, prompts_file, work, args)
+    try:
+        summary = (train_reward_backprop if method == "reward_backprop" else train_policy_gradient)(job)
+    finally:  # the next job in this process builds its own Accelerator
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    prompts = [p for p in heldout for _ in range(args.seeds_per_prompt)]
+    original_images, original = _heldout_arm("original", generator_dir, judge, heldout, args, cache)
+    images, tuned = _heldout_arm(method, generator_dir, judge, heldout, args, cache, lora=work / "run")
+    history = summary["history"]
+    _before_after_picture({"original": original_images, "rahf": images, "random": images}, heldout,
+                          args.seeds_per_prompt, work / "before_after.png", titles=["original", method, method])  # fmt: skip
+    return {
+        **_side_by_side(original, tuned, prompts),
+        "judged_means": {"original": _judge_means(original), "finetuned": _judge_means(tuned)},
+        "num_heldout_images": len(prompts),
+        "budget": {
+            "generator_forward_passes": summary["forward_passes"],
+            "allowed": budget,
+            "train_steps": summary["global_step"],
+            "images_per_step": job.train_batch_size * getattr(job, "group_size", 1),
+        },  # fmt: skip
+        "train_reward": {
+            "first": history[0].get("train/reward") if history else None,
+            "last": history[-1].get("train/reward") if history else None,
+        },  # fmt: skip
+        "nonfinite_reward_grads": summary["nonfinite_reward_grads"],
+        "settings": {
+            k: v
+            for k, v in job.to_dict().items()
+            if k
+            in (
+                "reward",
+                "learning_rate",
+                "train_batch_size",
+                "backprop_steps",
+                "reference_weight",
+                "group_size",
+                "clip_range",
+                "train_timestep_fraction",
+                "advantage",
+                "heatmap",
+                "rank",
+                "max_train_steps",
+            )
+        },
+        "pictures": {"before_after": f"{method}/before_after.png"},
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -564,11 +719,14 @@ def run_efficacy(args: EfficacyArguments, judge: SynthJudge | None = None) -> di
         "args": asdict(args),
     }
     seconds: dict[str, float] = {}
+    cache: dict[str, Any] = {}  # the original generator's held-out images and verdicts, shared by the methods
+    online = [(m, (lambda m=m: online_method_experiment(m, out, generator_dir, reward_dir, judge, heldout, selection,
+                                                        args, cache))) for m in ONLINE_METHODS]  # fmt: skip
     for name, run in (("best_of_n", lambda: best_of_n_experiment(out, generator_dir, reward_dir, judge, heldout,
-                                                                 selection, args)),
+                                                                 selection, args, cache)),
                       ("repair", lambda: repair_experiment(out, generator_dir, reward_dir, judge, heldout, args)),
                       ("guidance", lambda: guidance_experiment(out, generator_dir, reward_dir, judge, heldout,
-                                                               args))):  # fmt: skip
+                                                               args)), *online):  # fmt: skip
         if name not in args.experiments:
             continue
         t0 = time.perf_counter()
@@ -602,6 +760,24 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
                     "no_judged_mean_drop": worst >= -t["judged_mean_drop_at_most"],
                     "above_control": better > control_better},
         }  # fmt: skip
+    for method in ONLINE_METHODS:
+        m = result.get(method)
+        if not m:
+            continue
+        t = TARGETS["best_of_n"]
+        better = m["buckets"]["much_better"] + m["buckets"]["better"]
+        worse = m["buckets"]["much_worse"] + m["buckets"]["worse"]
+        means = m["judged_means"]
+        drops = {k: _relative(means["finetuned"][k], means["original"][k]) for k in means["original"]}
+        worst = min((d for d in drops.values() if d is not None), default=0.0)
+        check = {"better": better, "worse": worse, "better_minus_worse": better - worse,
+                 "worst_judged_mean_change": worst,
+                 "met": {"better": better >= t["better_at_least"], "worse": worse <= t["worse_at_most"],
+                         "no_judged_mean_drop": worst >= -t["judged_mean_drop_at_most"]}}  # fmt: skip
+        if bon:
+            bon_net = checks["best_of_n"]["better"] - checks["best_of_n"]["worse"]
+            check["met"]["beats_best_of_n"] = better - worse > bon_net
+        checks[method] = check
     rep = result.get("repair")
     if rep and rep.get("num_images"):
         t = TARGETS["repair"]
@@ -700,6 +876,20 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
                          f"{m['control'][name]:.3f} |")  # fmt: skip
         _table5_chart(bon, out / "table5.png")
         lines += ["", "![Table 5](table5.png)", "", f"![before/after]({bon['pictures']['before_after']})", ""]
+    methods = [m for m in ("best_of_n", *ONLINE_METHODS) if result.get(m)]
+    if any(m in result for m in ONLINE_METHODS):
+        lines += ["## Reward fine-tuning against best-of-N, at an equal budget", "",
+                  "Each judged side by side against the original generator on the same held-out prompts and seeds; "
+                  "budget = generator forward passes (one denoising step of one image).", "",
+                  "| method | budget | much better | better | same | worse | much worse | judged overall |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m in methods:
+            r = result[m]
+            lines.append(f"| {m} | {r['budget']['generator_forward_passes']} | "
+                         + " | ".join(_pct(r["buckets"][b]) for b in BUCKETS)
+                         + f" | {r['judged_means']['original']['overall']:.3f} -> "
+                           f"{r['judged_means']['finetuned']['overall']:.3f} |")  # fmt: skip
+        lines.append("")
     rep = result.get("repair")
     if rep:
         lines += ["## Repair (Fig. 9)", "",

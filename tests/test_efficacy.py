@@ -50,6 +50,26 @@ def test_held_out_prompts_depend_on_the_seed_and_avoid_what_they_must():
     assert not set(later) & set(a)
 
 
+def test_every_fine_tuning_method_gets_best_of_ns_budget(tmp_path):
+    from rahf.improve.efficacy import _method_arguments, best_of_n_budget
+
+    args = EfficacyArguments(num_selection_prompts=40, num_images_per_prompt=8, num_inference_steps=10,
+                             finetune_steps=50, finetune_batch_size=16)  # fmt: skip
+    budget = best_of_n_budget(args)
+    assert budget == {
+        "generator_forward_passes": 4000,
+        "sampling_forward_passes": 3200,
+        "training_forward_passes": 800,
+    }
+    for method, per_step in (("reward_backprop", 8 * 10), ("policy_gradient", 4 * 4 * (10 + 5)),
+                             ("policy_gradient_dense", 4 * 4 * (10 + 5))):  # fmt: skip
+        job, allowed = _method_arguments(method, tmp_path, tmp_path, tmp_path / "p.txt", tmp_path, args)
+        assert allowed == 4000 and job.max_train_steps == 4000 // per_step
+        assert (getattr(job, "advantage", None) == "dense") == (method == "policy_gradient_dense")
+    with pytest.raises(ValueError, match="experiments"):
+        EfficacyArguments(experiments=["best_of_n", "dpo"])
+
+
 def test_the_random_control_mask_keeps_the_area():
     mask = np.zeros((64, 64), bool)
     mask[10:25, 30:40] = True
@@ -102,7 +122,8 @@ def test_a_whole_run_on_tiny_models_writes_every_result(tiny_world, tmp_path):
         out=str(tmp_path), seed=3, num_prompts=3, seeds_per_prompt=2, generator=str(tiny_world / "generator" / "final"),
         judge=str(tiny_world / "judge" / "final"), reward_model=str(tiny_world / "rahf"), num_inference_steps=2,
         num_selection_prompts=4, num_images_per_prompt=2, finetune_steps=2, finetune_batch_size=2, repair_images=2,
-        repair_candidates=2, guidance_prompts=2, reward_guidance_scales=[1.0],
+        repair_candidates=2, guidance_prompts=2, reward_guidance_scales=[1.0], pg_batch_size=1, pg_group_size=2,
+        experiments=["best_of_n", "repair", "guidance", "policy_gradient_dense"],
     )  # fmt: skip
     judge = _FlawedJudge(SynthJudge.from_pretrained(tiny_world / "judge" / "final"))
     result = run_efficacy(args, judge=judge)
@@ -111,7 +132,13 @@ def test_a_whole_run_on_tiny_models_writes_every_result(tiny_world, tmp_path):
     for arm in (saved["best_of_n"], saved["best_of_n"]["control"]):
         assert set(arm["buckets"]) == set(BUCKETS) and sum(arm["buckets"].values()) == pytest.approx(1.0)
     assert set(saved["best_of_n"]["judged_means"]) == {"original", "finetuned", "control"}
-    assert saved["best_of_n"]["num_kept"] >= 1 and saved["best_of_n"]["budget"]["generator_forward_passes"] == 8 * 2
+    assert saved["best_of_n"]["num_kept"] >= 1 and saved["best_of_n"]["budget"]["sampling_forward_passes"] == 8 * 2
+    assert saved["best_of_n"]["budget"]["generator_forward_passes"] == 8 * 2 + 2 * 2  # + the LoRA's training passes
+    dense = saved["policy_gradient_dense"]
+    assert set(dense["buckets"]) == set(BUCKETS) and sum(dense["buckets"].values()) == pytest.approx(1.0)
+    assert set(dense["judged_means"]) == {"original", "finetuned"}
+    assert dense["judged_means"]["original"] == saved["best_of_n"]["judged_means"]["original"]  # the same images
+    assert 0 < dense["budget"]["generator_forward_passes"] <= 20 and dense["nonfinite_reward_grads"] == 0
     repair = saved["repair"]
     assert repair["num_images"] == 2 and repair["pixels_changed_outside_mask"] == 0
     assert {"better", "same", "worse", "control", "mask_iou"} <= set(repair)
