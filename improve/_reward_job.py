@@ -307,6 +307,7 @@ class RewardJob:
         # 3. The reward, differentiable, from the one registry; RAHF's predictor for heatmaps and validation.
         self.predictor = RichFeedbackPredictor.from_pretrained(args.reward_model, device=self.device)
         self.reward_fn = get_reward(args.reward, reward_model=self.predictor)
+        self.scores_fn = get_reward("overall", reward_model=self.predictor)  # all four RAHF scores, for validation
         if args.monitor_heatmap not in self.predictor.model.config.heatmap_names:
             raise ValueError(
                 f"`monitor_heatmap` must be one of {list(self.predictor.model.config.heatmap_names)}, got "
@@ -412,7 +413,8 @@ class RewardJob:
         from rahf.reward import images_to_tensor
 
         tensor = images_to_tensor(images)
-        rewards, info = self.reward_fn(tensor, prompts, None)
+        rewards, _ = self.reward_fn(tensor, prompts, None)
+        _, info = self.scores_fn(tensor, prompts, None)
         heat = rahf_heatmaps(self.predictor, tensor, prompts, args.monitor_heatmap)
         area = (heat > args.monitor_threshold).float().flatten(1).mean(1)
         verdicts = self.judge(images, prompts) if self.judge is not None else None
@@ -423,7 +425,7 @@ class RewardJob:
             row = {"step": step, "prompt": prompt, "seed": seed, "file_name": f"validation/{folder.name}/{name}",
                    "reward": float(rewards[j]), f"{args.monitor_heatmap}_area": float(area[j]),
                    f"{args.monitor_heatmap}_mean": float(heat[j].mean())}  # fmt: skip
-            row.update({k: float(v[j]) for k, v in (info.get("scores") or {}).items()})
+            row.update({k: float(v[j]) for k, v in info["scores"].items()})
             if verdicts is not None:
                 row.update({f"judge_{k}": float(v) for k, v in verdicts[j].scores.items()})
             rows.append(row)

@@ -209,6 +209,7 @@ def policy_gradient_step(job: RewardJob, step: int) -> dict[str, Any]:
 
     # 3. Clipped-surrogate updates on the recorded transitions.
     clipped, total, kl_sum, updates = 0.0, 0.0, 0.0, 0
+    gain, gain_count = 0.0, 0  # from the second pass on: how much the updates raised the surrogate on these samples
     num_train = args.train_timesteps()
     for epoch in range(args.ppo_epochs):
         order_gen = torch.Generator().manual_seed(_seed(args.seed, step, epoch, job.accelerator.process_index, 7))
@@ -231,11 +232,15 @@ def policy_gradient_step(job: RewardJob, step: int) -> dict[str, Any]:
                     clipped += float(((ratio - 1.0).abs() > args.clip_range).float().mean())
                     kl_sum += float((0.5 * log_ratio.pow(2)).mean())
                     total += 1
+                    if epoch > 0:
+                        gain += float((adv * (ratio - 1.0)).mean())
+                        gain_count += 1
             job.forward_passes += len(part) * len(steps)
             job.apply_gradients()
             updates += 1
     metrics = {"train/reward": float(rewards.mean()), "train/reward_std_in_group": float(rewards.view(-1, G).std(1).mean()),
                "train/clip_fraction": clipped / max(total, 1), "train/approx_kl": kl_sum / max(total, 1),
+               "train/surrogate_gain": gain / max(gain_count, 1),
                f"train/{args.heatmap if args.advantage == 'dense' else args.monitor_heatmap}_mean": float(heat.mean())}  # fmt: skip
     for name in infos[0].get("scores", {}):
         metrics[f"train/{name}"] = float(torch.cat([i["scores"][name].float() for i in infos]).mean())
