@@ -1,7 +1,11 @@
 """Sampling with RAHF classifier guidance: the same seeds with and without guidance, scored, in a grid and a summary.
+Any Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 checkpoint (the family is read from its components).
 
     python -m rahf.improve.guided_sample --config configs/improve/guidance.yaml
     python -m rahf.improve.guided_sample --config configs/improve/guidance.yaml --reward_guidance_scale 0.25 0.5 1 --seeds 0 1
+    python -m rahf.improve.guided_sample --config configs/improve/guidance.yaml \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-schnell --num_inference_steps 4 --guidance_scale 0 \
+        --guidance_decode_scale 0.375 --guide_every 2 --mixed_precision bf16
 
 Writes to `--output_dir`: `images/` (one PNG per prompt, seed and scale), `grid.png` (rows: prompt x seed; columns:
 the scales, 0 = no guidance; captions: the four RAHF scores) and `summary.json` (per scale: the mean target score, the
@@ -23,8 +27,8 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from rahf.pipelines.loading import dtype_kwarg
-from rahf.pipelines.rahf_guided import RAHFGuidedStableDiffusionPipeline
+from rahf.pipelines.auto import AutoRAHFGuidedPipeline
+from rahf.pipelines.families import FLOW_MATCHING_FAMILIES, generator_family
 from tqdm.auto import tqdm
 
 from rahf.job_args import check_finite_numbers, parse_job_args, read_prompt_records
@@ -47,8 +51,11 @@ __all__ = [
     "read_prompts",
 ]
 
-# --scheduler name -> diffusers class name (all supported by RAHFGuidedStableDiffusionPipeline).
+# --scheduler name -> diffusers class name (all supported by the guided pipelines: the first four for SD and SDXL,
+# flow_match_euler for SD3 and FLUX); "auto" keeps the checkpoint's own scheduler when guidance supports it.
 SCHEDULERS = {
+    "auto": None,
+    "flow_match_euler": "FlowMatchEulerDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
@@ -68,10 +75,11 @@ class GuidedSampleArguments:
     pretrained_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Stable Diffusion pipeline: hub id or folder (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+            "help": "generator pipeline (SD 1.x/2.x, SDXL, SD3, FLUX): hub id or folder (e.g. "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0)"
         },
     )
-    revision: str | None = field(default=None, metadata={"help": "revision of the Stable Diffusion pipeline"})
+    revision: str | None = field(default=None, metadata={"help": "revision of the generator pipeline"})
     reward_model: str | None = field(
         default=None, metadata={"help": "RAHF model folder (model and processor, written by save_pretrained)"}
     )
@@ -91,10 +99,23 @@ class GuidedSampleArguments:
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "one image per prompt and seed"})
     num_inference_steps: int = field(default=50, metadata={"help": "denoising steps"})
-    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "classifier-free guidance scale (FLUX: the distilled guidance); default: the pipeline's"},
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "T5 prompt length of SD3 / FLUX (default: the pipeline's, 256 / 512)"}
+    )
     height: int | None = field(default=None, metadata={"help": "image height (default: the UNet's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: the UNet's)"})
-    scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": sorted(SCHEDULERS)})
+    scheduler: str = field(
+        default="auto",
+        metadata={
+            "help": "sampler; auto keeps the checkpoint's if guidance supports it, else DDIM (SD, SDXL) or "
+            "flow_match_euler (SD3, FLUX)",
+            "choices": sorted(SCHEDULERS),
+        },
+    )
     guidance_start: float = field(default=0.0, metadata={"help": "first guided step, a fraction of the schedule"})
     guidance_end: float = field(default=1.0, metadata={"help": "guidance stops at this fraction of the schedule"})
     guide_every: int = field(default=1, metadata={"help": "guide every n-th step of the window"})
@@ -107,14 +128,22 @@ class GuidedSampleArguments:
         default=1.0, metadata={"help": "clip each image's shift of the noise prediction to this RMS (noise units)"}
     )
     backprop_through_unet: bool = field(
-        default=False, metadata={"help": "differentiate through the UNet too (exact gradient, slower, more memory)"}
+        default=False,
+        metadata={"help": "differentiate through the denoiser (UNet / transformer) too: exact gradient, slower"},
+    )
+    cpu_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the text encoders and the denoiser on the CPU, each moved to --device while it runs "
+            "(enable_model_cpu_offload); the VAE and the reward model stay on --device"
+        },
     )
     output_dir: str = field(default="guided-output", metadata={"help": "where images/, grid.png, summary.json go"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda when available)"})
     mixed_precision: str = field(
         default="no",
         metadata={
-            "help": "dtype of the Stable Diffusion pipeline: auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16, bf16",
+            "help": "dtype of the generator pipeline: auto (bf16/fp16 on a GPU, float32 on a CPU), no, fp16, bf16",
             "choices": list(MIXED_PRECISIONS),
         },
     )
@@ -129,6 +158,8 @@ class GuidedSampleArguments:
             raise ValueError("`--seeds` is empty; pass at least one seed, e.g. --seeds 0 1 2 3")
         if self.num_inference_steps < 1:
             raise ValueError(f"`--num_inference_steps` must be >= 1, got {self.num_inference_steps}")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"`--max_sequence_length` must be >= 1, got {self.max_sequence_length}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,7 +196,7 @@ def _cell(image: Image.Image) -> Image.Image:
 
 
 def guided_sample(
-    sd_pipe,
+    generator_pipe,
     reward_model: RAHFModel,
     reward_processor: RAHFProcessor,
     prompts: Sequence[str],
@@ -174,9 +205,10 @@ def guided_sample(
     out_dir: str | Path,
     reward: str = "aesthetics",
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    max_sequence_length: int | None = None,
     **guidance_kwargs,
 ) -> dict[str, Any]:
     """Generates every prompt with every seed at every scale (0 included), scores the final images (every RAHF score,
@@ -184,9 +216,12 @@ def guided_sample(
     writes `images/`, `grid.png` and `summary.json` to `out_dir`.
 
     Args:
-        sd_pipe: any Stable Diffusion pipeline (its scheduler must be one the guided pipeline supports).
+        generator_pipe: any pipeline of SD 1.x/2.x, SDXL, SD3 or FLUX (text-to-image, img2img or inpainting: its
+            components are taken); its scheduler must be one the guided pipeline supports.
+        guidance_scale: classifier-free guidance scale; `None` keeps the pipeline's default.
+        max_sequence_length: T5 prompt length (SD3, FLUX); `None` keeps the pipeline's default.
         guidance_kwargs: `guidance_start`, `guidance_end`, `guide_every`, `num_recurrence_steps`,
-            `guidance_decode_scale`, `normalize_grad`, `grad_clip`, `backprop_through_unet`.
+            `guidance_decode_scale`, `normalize_grad`, `grad_clip`, `backprop_through_denoiser`.
 
     Returns:
         The summary (also in `summary.json`): `per_scale` (scale, mean target, means of the other scores, NaN count),
@@ -195,13 +230,17 @@ def guided_sample(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     scales = sorted({0.0, *(float(s) for s in scales)})
-    reward_model = reward_model.to(sd_pipe.device)
+    reward_model = reward_model.to(generator_pipe._execution_device)
     reward_fn = get_reward(reward, reward_model=reward_model, reward_processor=reward_processor)
-    # from_pipe casts every component to float32 unless told: keep a half-precision pipeline as it is.
-    pipe = RAHFGuidedStableDiffusionPipeline.from_pipe(
-        sd_pipe, reward_model=reward_model, reward_processor=reward_processor, **dtype_kwarg(sd_pipe.dtype)
+    # The family's guided class; the pipeline's dtype is kept (from_pipe would cast to float32), the reward model's too.
+    reward_dtype = reward_model.dtype
+    pipe = AutoRAHFGuidedPipeline.from_pipe(
+        generator_pipe, reward_model=reward_model, reward_processor=reward_processor
     )
+    pipe.reward_model.to(reward_dtype)
     pipe.set_progress_bar_config(disable=True)
+    call_kwargs = {"guidance_scale": guidance_scale, "max_sequence_length": max_sequence_length}
+    call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None}  # None: the pipeline's default
     predictor = RichFeedbackPredictor(reward_model, reward_processor)
     score_names = list(reward_model.config.score_names)
     target_is_score = reward in score_names
@@ -216,13 +255,13 @@ def guided_sample(
         out = pipe(
             [prompt] * len(seeds),
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
             height=height,
             width=width,
             generator=generators,
             output_type="np",
             reward=reward_fn,
             reward_guidance_scale=scale,
+            **call_kwargs,
             **guidance_kwargs,
         )
         arrays = out.images  # (B, H, W, 3) float in [0, 1]
@@ -288,6 +327,7 @@ def guided_sample(
         "prompts": list(prompts),
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
+        "family": pipe._rahf_family,
         "scheduler": type(pipe.scheduler).__name__,
         "guidance": {k: v for k, v in guidance_kwargs.items()},
         "per_scale": per_scale,
@@ -308,15 +348,22 @@ def guided_sample(
     return summary
 
 
-def _load_sd_pipeline(args: GuidedSampleArguments, device: str):
+def _load_generator_pipeline(args: GuidedSampleArguments, device: str):
     import diffusers
     from diffusers import DiffusionPipeline
+    from rahf.pipelines.guidance import FLOW_MATCHING_SCHEDULERS, SUPPORTED_SCHEDULERS
+    from rahf.pipelines.loading import dtype_kwarg
 
+    if args.cpu_offload and torch.device(device).type == "cpu":
+        raise ValueError(
+            "`--cpu_offload` moves the generator's models to an accelerator one at a time; it needs `--device` cuda "
+            "(or another accelerator), got cpu"
+        )
     dtype = torch_dtype(resolve_mixed_precision(args.mixed_precision, device=device))
     path = resolve_pretrained_path(
         args.pretrained_model_name_or_path,
         "--pretrained_model_name_or_path",
-        what="a Stable Diffusion pipeline folder",
+        what="a diffusers pipeline folder",
     )
     try:
         pipe = DiffusionPipeline.from_pretrained(path, revision=args.revision, **dtype_kwarg(dtype))
@@ -324,8 +371,20 @@ def _load_sd_pipeline(args: GuidedSampleArguments, device: str):
         raise ValueError(
             f"`--pretrained_model_name_or_path` {path!r} could not be loaded as a diffusers pipeline ({err})"
         ) from err
-    scheduler_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    family = generator_family(pipe, "--pretrained_model_name_or_path")
+    flow = family in FLOW_MATCHING_FAMILIES
+    supported = FLOW_MATCHING_SCHEDULERS if flow else SUPPORTED_SCHEDULERS
+    name = args.scheduler
+    if name == "auto":
+        name = None if isinstance(pipe.scheduler, supported) else ("flow_match_euler" if flow else "ddim")
+    elif (name == "flow_match_euler") != flow:
+        allowed = ["auto", "flow_match_euler"] if flow else sorted(set(SCHEDULERS) - {"flow_match_euler"})
+        raise ValueError(f"`--scheduler {name}` does not fit a {family} pipeline; use one of {allowed}")
+    if name is not None:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
@@ -346,14 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args.prompts_file)
     reward_model = resolve_pretrained_path(args.reward_model, "--reward_model", what="a RAHF model folder")
-    sd_pipe = _load_sd_pipeline(args, device)
+    generator_pipe = _load_generator_pipeline(args, device)
     model = RAHFModel.from_pretrained(reward_model).to(device)
     processor = RAHFProcessor.from_pretrained(reward_model)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "guided_sample_args.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
     guided_sample(
-        sd_pipe,
+        generator_pipe,
         model,
         processor,
         prompts,
@@ -365,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance_scale=args.guidance_scale,
         height=args.height,
         width=args.width,
+        max_sequence_length=args.max_sequence_length,
         guidance_start=args.guidance_start,
         guidance_end=args.guidance_end,
         guide_every=args.guide_every,
@@ -372,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance_decode_scale=args.guidance_decode_scale,
         normalize_grad=args.normalize_grad,
         grad_clip=args.grad_clip,
-        backprop_through_unet=args.backprop_through_unet,
+        backprop_through_denoiser=args.backprop_through_unet,
     )
     logger.info("wrote %s and %s", out_dir / "grid.png", out_dir / "summary.json")
     return 0

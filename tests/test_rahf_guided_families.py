@@ -251,3 +251,56 @@ def test_bf16_generator_with_a_float32_reward_model():
     scaled = [_run(pipe, "flux", seeds=SEEDS[:2], reward_guidance_scale=s, output_type="pt") for s in (0.0, 0.4)]
     assert scaled[1].images.dtype == torch.bfloat16 and torch.isfinite(scaled[1].images).all()  # as FluxPipeline's
     assert np.mean(scaled[1].rewards) > np.mean(scaled[0].rewards)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The guidance job with a checkpoint of each family
+
+
+@pytest.fixture(scope="module")
+def saved_rahf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rahf")
+    tiny_rahf_model().save_pretrained(root)
+    tiny_rahf_processor().save_pretrained(root)
+    (root / "prompts.txt").write_text(PROMPT + "\n")
+    return root
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_guided_sample_job_with_a_checkpoint_of_each_family(name, saved_rahf, tmp_path):
+    import json
+
+    from rahf.improve.guided_sample import main
+
+    TINY_FAMILY_BUILDERS[name][0](0).save_pretrained(tmp_path / "generator")
+    argv = [
+        "--config",
+        "configs/improve/guidance.yaml",
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "generator"),
+    ]
+    argv += ["--reward_model", str(saved_rahf), "--prompts_file", str(saved_rahf / "prompts.txt")]
+    argv += ["--output_dir", str(tmp_path / "out"), "--num_inference_steps", "3", "--seeds", "0", "1"]
+    argv += ["--reward_guidance_scale", "0.15", "--guidance_decode_scale", "1.0", "--height", "32", "--width", "32"]
+    argv += ["--guidance_scale", "0" if name == "flux" else "5", "--device", "cpu"]
+    if name in ("sd3", "flux"):
+        argv += ["--max_sequence_length", "32"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["family"] == name and [row["scale"] for row in summary["per_scale"]] == [0.0, 0.15]
+    assert all(row["nan_count"] == 0 for row in summary["per_scale"])
+    assert summary["per_scale"][1]["mean_target"] > summary["per_scale"][0]["mean_target"]
+    # SD 1.5's PNDM would be swapped for DDIM; these checkpoints' own schedulers are kept
+    assert summary["scheduler"] == ("EulerDiscreteScheduler" if name == "sdxl" else "FlowMatchEulerDiscreteScheduler")
+
+
+def test_guided_sample_job_refuses_a_scheduler_of_the_other_kind(saved_rahf, tmp_path):
+    from rahf.improve.guided_sample import main
+
+    TINY_FAMILY_BUILDERS["sd3"][0](0).save_pretrained(tmp_path / "generator")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "generator"), "--reward_model", str(saved_rahf)]
+    argv += ["--prompts_file", str(saved_rahf / "prompts.txt"), "--scheduler", "ddim", "--device", "cpu"]
+    with pytest.raises(ValueError, match=r"`--scheduler ddim` does not fit a sd3 pipeline.*flow_match_euler"):
+        main(argv + ["--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--cpu_offload"):
+        main(argv[:-4] + ["--cpu_offload", "--device", "cpu", "--output_dir", str(tmp_path / "out")])
