@@ -323,6 +323,7 @@ class RewardJob:
 
             self.judge = SynthJudge.from_pretrained(args.judge, device=str(self.device))
         self.guard = NonFiniteGuard(self.device, hint="lower --learning_rate or --reward_grad_clip")
+        self.optimizer_steps = 0  # of this run (a resumed run counts from its resume)
         self.forward_passes = 0  # generator forward passes (one denoising step of one image, guidance included)
         self.nonfinite_reward_grads = 0
 
@@ -374,7 +375,8 @@ class RewardJob:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.end_step(grad_norm if self.accelerator.mixed_precision != "fp16" else None)
-        self.guard.check_learning_rate(self.lr_scheduler.get_last_lr()[0], -1)
+        self.optimizer_steps += 1
+        self.guard.check_learning_rate(self.lr_scheduler.get_last_lr()[0], self.optimizer_steps)
         return grad_norm
 
     def sanitize_reward_grad(self, grad: torch.Tensor, clip: float | None) -> torch.Tensor:
