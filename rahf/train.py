@@ -263,7 +263,14 @@ def unsharded_copy(accelerator, model) -> torch.nn.Module | None:
     if not accelerator.is_main_process:
         return None
     unwrapped = accelerator.unwrap_model(model)
-    plain = type(unwrapped)(unwrapped.config)
+    model_class = type(unwrapped)
+    try:  # FSDP2 shards a module in place by giving it a subclass of its own class: build the original one
+        from torch.distributed.fsdp import FSDPModule
+
+        model_class = next(c for c in model_class.__mro__ if not issubclass(c, FSDPModule))
+    except ImportError:
+        pass
+    plain = model_class(unwrapped.config)
     plain.load_state_dict(state_dict)  # strict: every weight must come back
     return plain
 
@@ -698,15 +705,17 @@ def train(args: RAHFTrainingArguments) -> dict[str, Any]:
 
     # 6. The last validation, and the final model and processor (never a non-finite one).
     guard.check(accelerator, "at the end of training")
+    final_dir = output_dir / "final"
+    sharded = is_sharded(accelerator)
+    if not sharded:
+        check_finite_parameters(accelerator.unwrap_model(model), f"{final_dir}")
     if eval_dataloader is not None and last_validated_step != global_step:
         last_validation = validate(global_step, current_epoch)
     accelerator.wait_for_everyone()
-    sharded = is_sharded(accelerator)
     # Sharded: the main process alone goes on with a whole copy (keyword decoding runs a different number of steps
     # per process, which sharded layers, each a collective, cannot).
     final_model = unsharded_copy(accelerator, model) if sharded else accelerator.unwrap_model(model)
-    final_dir = output_dir / "final"
-    if final_model is not None:
+    if sharded and final_model is not None:
         check_finite_parameters(final_model, f"{final_dir}")
     calibration = None
     if args.calibrate_keyword_threshold and eval_dataset is not None:  # every process decodes its shard
