@@ -707,6 +707,8 @@ class RAHFModel(RAHFPreTrainedModel):
         In the augmented-prompt variant the rows must carry the keywords task string (RAHFProcessor does this).
         `keyword_threshold` (default: `config.keyword_threshold`) decodes at a marker threshold (see
         [`RAHFConfig`]); it needs `marker_token_id`, the id of the ` 0` marker (`RAHFProcessor.marker_token_id`).
+        Decoding keeps the decoder's keys and values between steps (the KV cache, self- and cross-attention), so a
+        step costs one token's pass; `use_cache=False` recomputes the whole prefix each step, with the same tokens.
         """
         threshold = keyword_threshold if keyword_threshold is not None else self.config.keyword_threshold
         if threshold is not None:
@@ -724,6 +726,7 @@ class RAHFModel(RAHFPreTrainedModel):
         fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("num_beams", 1)
+        generate_kwargs.setdefault("use_cache", True)
         return self.text_model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=fused),
             attention_mask=self._decoder_mask(mask),
