@@ -511,14 +511,31 @@ class RAHFModel(RAHFPreTrainedModel):
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens (R, N, d) and prompt ids (R, L) -> fused tokens (R, N + L, d) and their mask (R, N + L)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         text_embeds = self.text_model.get_input_embeddings()(input_ids)  # (R, L, d)
         inputs_embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # (R, N + L, d)
-        image_mask = attention_mask.new_ones(image_embeds.shape[:2])
-        mask = torch.cat([image_mask, attention_mask], dim=1)  # (R, N + L)
+        mask = self._fusion_mask(image_embeds.shape[1], input_ids, attention_mask)  # (R, N + L)
         fused = self.text_model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
         return fused, mask
+
+    @staticmethod
+    def _fusion_mask(
+        num_image_tokens: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_mask = attention_mask.new_ones((attention_mask.shape[0], num_image_tokens))
+        return torch.cat([image_mask, attention_mask], dim=1)  # (R, N + L)
+
+    def _reuse_fused(
+        self, fused_hidden_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_image_tokens = fused_hidden_states.shape[1] - input_ids.shape[1]
+        if fused_hidden_states.shape[0] != input_ids.shape[0] or num_image_tokens <= 0:
+            raise ValueError(
+                f"`fused_hidden_states` of shape {tuple(fused_hidden_states.shape)} does not match `input_ids` of "
+                f"shape {tuple(input_ids.shape)}: pass the first output of `fuse` for these same rows"
+            )
+        return fused_hidden_states, self._fusion_mask(num_image_tokens, input_ids, attention_mask)
 
     def _feature_map(self, fused: torch.Tensor) -> torch.Tensor:
         grid = self.config.patch_grid
@@ -545,6 +562,7 @@ class RAHFModel(RAHFPreTrainedModel):
         score_labels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
+        fused_hidden_states: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> RAHFOutput | tuple:
@@ -570,6 +588,9 @@ class RAHFModel(RAHFPreTrainedModel):
                 Token ids of the ` 0`-marked keyword sequence, -100 on padding.
             decoder_input_ids (`torch.LongTensor` of shape `(num_keyword_rows, target_length)`, *optional*):
                 Decoder inputs, when not derived from `labels`.
+            fused_hidden_states (`torch.FloatTensor` of shape `(num_rows, num_patches + text_length, d_model)`, *optional*):
+                The first output of [`~RAHFModel.fuse`] for these rows, to reuse the fusion encoder's work (scoring
+                and keyword decoding of the same rows); `image_embeds` is still needed for the batch size.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cfg = self.config
@@ -591,7 +612,10 @@ class RAHFModel(RAHFPreTrainedModel):
         if not multi and task_ids is None:
             raise ValueError("the augmented-prompt variant needs `task_ids` (RAHFProcessor returns them)")
 
-        fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)  # (R, N + L, d)
+        if fused_hidden_states is not None:
+            fused, mask = self._reuse_fused(fused_hidden_states, input_ids, attention_mask)
+        else:
+            fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)  # (R, N + L, d)
         feature_map = self._feature_map(fused)  # (R, d, g, g)
         num_h, num_s = len(cfg.heatmap_names), len(cfg.score_names)
         size = cfg.heatmap_size
@@ -700,6 +724,7 @@ class RAHFModel(RAHFPreTrainedModel):
         max_new_tokens: int | None = None,
         keyword_threshold: float | None = None,
         marker_token_id: int | None = None,
+        fused_hidden_states: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Greedy-decodes the ` 0`-marked keyword sequence for each row of `input_ids` -> (R, T) token ids.
@@ -709,6 +734,7 @@ class RAHFModel(RAHFPreTrainedModel):
         [`RAHFConfig`]); it needs `marker_token_id`, the id of the ` 0` marker (`RAHFProcessor.marker_token_id`).
         Decoding keeps the decoder's keys and values between steps (the KV cache, self- and cross-attention), so a
         step costs one token's pass; `use_cache=False` recomputes the whole prefix each step, with the same tokens.
+        `fused_hidden_states` (the first output of [`~RAHFModel.fuse`] for these rows) skips the fusion encoder.
         """
         threshold = keyword_threshold if keyword_threshold is not None else self.config.keyword_threshold
         if threshold is not None:
@@ -719,11 +745,14 @@ class RAHFModel(RAHFPreTrainedModel):
             processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
             processors.append(KeywordMarkerThresholdLogitsProcessor(marker_token_id, threshold))
             generate_kwargs["logits_processor"] = processors
-        if image_embeds is None:
-            image_embeds = self.get_image_features(pixel_values)
-        if image_index is None:
-            image_index = torch.arange(image_embeds.shape[0], device=input_ids.device)
-        fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)
+        if fused_hidden_states is not None:
+            fused, mask = self._reuse_fused(fused_hidden_states, input_ids, attention_mask)
+        else:
+            if image_embeds is None:
+                image_embeds = self.get_image_features(pixel_values)
+            if image_index is None:
+                image_index = torch.arange(image_embeds.shape[0], device=input_ids.device)
+            fused, mask = self.fuse(image_embeds[image_index], input_ids, attention_mask)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("num_beams", 1)
         generate_kwargs.setdefault("use_cache", True)

@@ -277,10 +277,14 @@ class RichFeedbackPredictor:
 
         results = [RichFeedback(prompt=p) for p in prompts]
         dense_tasks = [t for t in tasks if t != KEYWORDS_TASK]
+        fused = None
         if dense_tasks:
             enc = self.processor.encode_prompts(prompts, tasks=dense_tasks)
             enc = {k: v.to(device) for k, v in enc.items()}
-            out = self.model(image_embeds=image_embeds, **enc)
+            if cfg.variant == "multi_head" and KEYWORDS_TASK in tasks:
+                # One fusion pass for both: multi-head rows are the same prompts for scores, heatmaps and keywords.
+                fused, _ = self.model.fuse(image_embeds[enc["image_index"]], enc["input_ids"], enc["attention_mask"])
+            out = self.model(image_embeds=image_embeds, fused_hidden_states=fused, **enc)
             heatmaps = out.heatmaps.float()  # (B, H, S, S)
             scores = out.scores.float().cpu().numpy()  # (B, num_scores)
             fill_feedback(results, images, scores, heatmaps, cfg, dense_tasks, dense_tasks)
@@ -291,6 +295,7 @@ class RichFeedbackPredictor:
                 attention_mask=enc["attention_mask"].to(device),
                 image_embeds=image_embeds,
                 image_index=enc["image_index"].to(device),
+                fused_hidden_states=fused,
                 max_new_tokens=self.max_new_tokens,
                 **self._keyword_decoding(),
             )

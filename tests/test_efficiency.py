@@ -185,3 +185,23 @@ def test_gpu_efficiency_benchmark_writes_its_entries(tmp_path):
     breakdown = report["entries"][3]
     assert breakdown["forward_by_part_ms"]["image_tower"] > 0 and breakdown["backward_ms"] > 0
     assert breakdown["host_syncs"]["forward"].get("aten::nonzero", 0) == 0
+
+
+def test_scoring_with_keywords_runs_the_fusion_encoder_once():
+    model, processor = tiny_rahf_model(), tiny_rahf_processor()
+    images = [Image.new("RGB", (48, 40), (60 * i, 100, 160)) for i in range(len(PROMPTS))]
+    predictor = RichFeedbackPredictor(model, processor, batch_size=len(PROMPTS), max_new_tokens=8)
+    calls = []
+    handle = model.text_model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both = predictor(images, PROMPTS, outputs=["scores", "heatmaps", "keywords"])
+        assert len(calls) == 1  # shared by the heads and the keyword decoder
+        dense = predictor(images, PROMPTS, outputs=["scores", "heatmaps"])
+        keywords = predictor(images, PROMPTS, outputs=["keywords"])
+    finally:
+        handle.remove()
+    for a, d, k in zip(both, dense, keywords):
+        assert a.scores == d.scores
+        for name in a.heatmaps:
+            assert (a.heatmaps[name] == d.heatmaps[name]).all()
+        assert a.misaligned_word_indices == k.misaligned_word_indices
