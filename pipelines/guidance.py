@@ -142,7 +142,7 @@ class _GuidanceRun:
     normalize_grad: bool
     grad_clip: float | None
     backprop: bool
-    image_size: tuple[int, int]  # (height, width) in pixels: FLUX unpacks its latents with it
+    image_size: tuple[int | None, int | None]  # (height, width) in pixels: FLUX unpacks its latents with it
     generator: Any = None
     extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
     guided: set[int] | None = None  # step indices, known once the pipeline has set its timesteps
@@ -224,14 +224,12 @@ class RAHFGuidanceMixin:
             return "flow"
         return self.scheduler.config.prediction_type
 
-    def _default_image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        if self._rahf_family == "sd":
-            sample_size = self.unet.config.sample_size
-            size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-            default = (size[0] * self.vae_scale_factor, size[1] * self.vae_scale_factor)
-        else:
-            default = (self.default_sample_size * self.vae_scale_factor,) * 2
-        return height or default[0], width or default[1]
+    def _image_size(self, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+        """The output size as the family's loop resolves it (FLUX unpacks its latents with it)."""
+        if self._rahf_family == "flux":
+            default = self.default_sample_size * self.vae_scale_factor
+            return height or default, width or default
+        return height, width
 
     def _latents_to_vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoiser-space latents (FLUX: packed) -> what `vae.decode` reads, as each family's pipeline decodes."""
@@ -740,7 +738,7 @@ class RAHFGuidanceMixin:
                 normalize_grad=normalize_grad,
                 grad_clip=grad_clip,
                 backprop=backprop_through_denoiser,
-                image_size=self._default_image_size(params.get("height"), params.get("width")),
+                image_size=self._image_size(params.get("height"), params.get("width")),
                 generator=generator,
                 extra_step_kwargs=extra_step_kwargs,
             )
