@@ -12,12 +12,15 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from improve_utils import launch_two_processes, read_jsonl, save_tiny_rahf, save_tiny_sd, write_prompts
 from rahf.improve._reward_job import sanitize_reward_grad
+from rahf.improve.efficacy import weights_path
 from rahf.improve.finetune import LORA_WEIGHT_NAME
 from rahf.improve.reward_finetune import parse_reward_finetune_args, train_reward_backprop
 from safetensors.torch import load_file
 
 from rahf.reward import register_reward
 from rahf.training_utils import list_checkpoints
+
+SCENE = "three red triangles on a colourful gradient"  # a prompt of the synthetic grammar, which the judge reads
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,7 @@ def fresh_accelerate_state():
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("rb_assets")
     return {"sd": save_tiny_sd(root / "sd"), "rahf": save_tiny_rahf(root / "rahf"),
-            "prompts": write_prompts(root / "prompts.txt"), "one": write_prompts(root / "one.txt", ["a red cat"])}  # fmt: skip
+            "prompts": write_prompts(root / "prompts.txt"), "one": write_prompts(root / "one.txt", [SCENE])}  # fmt: skip
 
 
 def _argv(assets, out, *extra, prompts="prompts") -> list[str]:
@@ -82,7 +85,8 @@ def test_reward_rises_and_the_lora_loads(assets, tmp_path):
     summary = _run(*_argv(assets, out, "--max_train_steps", 3, "--checkpointing_steps", 0, "--reference_weight", 0.1,
                           "--backprop_steps", 2,
                           "--gradient_checkpointing", "--vae_gradient_checkpointing", "--validation_prompts",
-                          "a red cat", "--num_validation_images", 3, "--reward", "test_brightness",
+                          SCENE, "--num_validation_images", 3, "--reward", "test_brightness", "--judge",
+                          weights_path("judge_synth"),
                           "--learning_rate", "1e-2", prompts="one"))  # fmt: skip
     # The validation images (fixed seeds, the training prompt) are brighter after three steps.
     assert summary["validation"]["val/reward"] > summary["validation_start"]["val/reward"]
@@ -90,6 +94,9 @@ def test_reward_rises_and_the_lora_loads(assets, tmp_path):
     assert all(np.isfinite(h["train/reward"]) and h["train/penalty"] >= 0 for h in summary["history"])
     rows = read_jsonl(out / "logs" / "validation_log.jsonl")
     assert {"reward", "plausibility", "alignment", "aesthetics", "overall", "implausibility_area"} <= set(rows[0])
+    # the reward-hacking monitor: the judge's scores and the heatmap's area, logged beside the reward
+    assert {"judge_plausibility", "judge_alignment", "judge_overall"} <= set(rows[0])
+    assert {"monitor/judge_overall", "monitor/implausibility_area", "val/reward"} <= set(summary["validation"])
     assert {r["step"] for r in rows} == {0, 3} and (out / rows[-1]["file_name"]).is_file()
 
     pipe = DiffusionPipeline.from_pretrained(str(assets["sd"]))
