@@ -472,6 +472,12 @@ def online_method_experiment(
     original_images, original = _heldout_arm("original", generator_dir, judge, heldout, args, cache)
     images, tuned = _heldout_arm(method, generator_dir, judge, heldout, args, cache, lora=work / "run")
     history = summary["history"]
+    # The reward-hacking monitor: the training reward on the held-out images beside what the judge says of them.
+    from rahf.reward import load_reward
+
+    reward = load_reward(args.method_reward, str(reward_dir), device=args.device)
+    heldout_reward = {arm: float(reward(ims, prompts, None)[0].float().mean())
+                      for arm, ims in (("original", original_images), ("finetuned", images))}  # fmt: skip
     _before_after_picture({"original": original_images, "rahf": images, "random": images}, heldout,
                           args.seeds_per_prompt, work / "before_after.png", titles=["original", method, method])  # fmt: skip
     return {
@@ -488,6 +494,7 @@ def online_method_experiment(
             "first": history[0].get("train/reward") if history else None,
             "last": history[-1].get("train/reward") if history else None,
         },  # fmt: skip
+        "heldout_reward": heldout_reward,
         "nonfinite_reward_grads": summary["nonfinite_reward_grads"],
         "settings": {
             k: v
@@ -881,14 +888,16 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         lines += ["## Reward fine-tuning against best-of-N, at an equal budget", "",
                   "Each judged side by side against the original generator on the same held-out prompts and seeds; "
                   "budget = generator forward passes (one denoising step of one image).", "",
-                  "| method | budget | much better | better | same | worse | much worse | judged overall |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | budget | much better | better | same | worse | much worse | judged overall | RAHF reward |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for m in methods:
             r = result[m]
             lines.append(f"| {m} | {r['budget']['generator_forward_passes']} | "
                          + " | ".join(_pct(r["buckets"][b]) for b in BUCKETS)
                          + f" | {r['judged_means']['original']['overall']:.3f} -> "
-                           f"{r['judged_means']['finetuned']['overall']:.3f} |")  # fmt: skip
+                           f"{r['judged_means']['finetuned']['overall']:.3f} | "
+                         + (f"{r['heldout_reward']['original']:.3f} -> {r['heldout_reward']['finetuned']:.3f} |"
+                            if "heldout_reward" in r else "n/a |"))  # fmt: skip
         lines.append("")
     rep = result.get("repair")
     if rep:

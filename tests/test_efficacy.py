@@ -139,6 +139,7 @@ def test_a_whole_run_on_tiny_models_writes_every_result(tiny_world, tmp_path):
     assert set(dense["judged_means"]) == {"original", "finetuned"}
     assert dense["judged_means"]["original"] == saved["best_of_n"]["judged_means"]["original"]  # the same images
     assert 0 < dense["budget"]["generator_forward_passes"] <= 20 and dense["nonfinite_reward_grads"] == 0
+    assert set(dense["heldout_reward"]) == {"original", "finetuned"}
     repair = saved["repair"]
     assert repair["num_images"] == 2 and repair["pixels_changed_outside_mask"] == 0
     assert {"better", "same", "worse", "control", "mask_iou"} <= set(repair)
