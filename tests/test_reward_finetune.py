@@ -72,7 +72,7 @@ def test_reward_gradient_is_cleaned_and_clipped_per_image():
     assert torch.allclose(clean.flatten(1).norm(dim=1), torch.tensor([1.0, 0.5]))  # the first clipped, the second not
 
 
-@register_reward("test_brightness")
+@register_reward("finetune_test_brightness")
 def _brightness_reward(reward_model=None, reward_processor=None):
     # a reward a tiny random generator can certainly learn, so that a wrong sign or a lost gradient shows
     return lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)), {})
@@ -85,7 +85,7 @@ def test_reward_rises_and_the_lora_loads(assets, tmp_path):
     summary = _run(*_argv(assets, out, "--max_train_steps", 3, "--checkpointing_steps", 0, "--reference_weight", 0.1,
                           "--backprop_steps", 2,
                           "--gradient_checkpointing", "--vae_gradient_checkpointing", "--validation_prompts",
-                          SCENE, "--num_validation_images", 3, "--reward", "test_brightness", "--judge",
+                          SCENE, "--num_validation_images", 3, "--reward", "finetune_test_brightness", "--judge",
                           weights_path("judge_synth"),
                           "--learning_rate", "1e-2", prompts="one"))  # fmt: skip
     # The validation images (fixed seeds, the training prompt) are brighter after three steps.
