@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from rahf.constants import SCORE_NAMES
+from rahf.fileio import append_jsonl
 from rahf.job_args import check_finite_numbers, check_int_fields, read_prompt_records, uses_cpu_processes
 from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.training_utils import (
@@ -164,12 +165,6 @@ class RewardTrainingArguments:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _seed(*parts: int) -> int:
@@ -431,7 +426,7 @@ class RewardJob:
             if verdicts is not None:
                 row.update({f"judge_{k}": float(v) for k, v in verdicts[j].scores.items()})
             rows.append(row)
-            _append_jsonl(self.output_dir / args.logging_dir / "validation_log.jsonl", row)
+            append_jsonl(self.output_dir / args.logging_dir / "validation_log.jsonl", row)
         metrics["val/reward"] = float(np.mean([r["reward"] for r in rows]))
         for name in SCORE_NAMES:
             if name in rows[0]:
@@ -484,7 +479,7 @@ def run_job(job: RewardJob, step_fn: Callable[[RewardJob, int], dict[str, float]
         if resume_from is None and sync_file.exists():
             sync_file.unlink()
         if resume_from is not None:
-            _append_jsonl(sync_file, {"step": global_step, "event": "resumed", "sha256": lora_checksum(job.unet)})
+            append_jsonl(sync_file, {"step": global_step, "event": "resumed", "sha256": lora_checksum(job.unet)})
 
     last_validation: dict[str, float] = {}
     first_validation: dict[str, float] = {}
@@ -506,7 +501,7 @@ def run_job(job: RewardJob, step_fn: Callable[[RewardJob, int], dict[str, float]
         progress.update(1)
         pending.append(metrics)
         if args.debug_check_sync:
-            _append_jsonl(sync_file, {"step": global_step, "num_processes": accelerator.num_processes,
+            append_jsonl(sync_file, {"step": global_step, "num_processes": accelerator.num_processes,
                                       "sha256": lora_checksum(job.unet), "prompts": metrics.get("_prompts")})  # fmt: skip
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
             job.guard.check(accelerator, f"at the log of step {global_step}")

@@ -51,6 +51,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from rahf.constants import SCORE_NAMES
+from rahf.fileio import append_jsonl
 from rahf.job_args import check_finite_numbers, check_int_fields, parse_job_args, uses_cpu_processes
 from rahf.precision import MIXED_PRECISIONS, resolve_mixed_precision, torch_dtype
 from rahf.reward import load_reward, score_table
@@ -596,12 +597,6 @@ def _load_rows(args: LoRAFineTuneArguments):
 # Checkpoints, logs
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Encoding on the device (--offload)
 
@@ -683,7 +678,7 @@ def _validate(pipe, kind, denoiser, args, reward_fn, step: int, output_dir: Path
                 row.update({k: v[j] for k, v in table.items()})
             rows.append(row)
     for row in rows:
-        _append_jsonl(output_dir / args.logging_dir / "validation_log.jsonl", row)
+        append_jsonl(output_dir / args.logging_dir / "validation_log.jsonl", row)
     metrics: dict[str, float] = {}
     if rows and "reward" in rows[0]:
         metrics["val/reward"] = float(np.mean([r["reward"] for r in rows]))
@@ -881,7 +876,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
         if resume_from is None and sync_file.exists():
             sync_file.unlink()
         if resume_from is not None:
-            _append_jsonl(
+            append_jsonl(
                 sync_file,
                 {
                     "step": global_step,
@@ -965,7 +960,7 @@ def train_lora(args: LoRAFineTuneArguments, pipe=None) -> dict[str, Any]:
             guard.check_learning_rate(lr_scheduler.get_last_lr()[0], global_step)
             progress.update(1)
             if args.debug_check_sync:
-                _append_jsonl(
+                append_jsonl(
                     sync_file,
                     {
                         "step": global_step,

@@ -1,4 +1,4 @@
-"""Durable file writes with no heavy imports: a file replaced atomically, and a folder's entries flushed to disk."""
+"""Durable file writes with no heavy imports: atomic replacement, folder fsync, appended JSON lines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_text_atomically"]
+__all__ = ["append_jsonl", "fsync_dir", "write_text_atomically"]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -38,3 +38,13 @@ def write_text_atomically(path: str | Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Appends `record` as one JSON line to `path`, creating its folder; a log that grows one line per event."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
