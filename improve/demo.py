@@ -1,11 +1,11 @@
 """`rahf demo`: the whole loop on the embedded synthetic set, on CPU, with a visual report: the one place the demo lives.
 
 synthetic data -> train tiny RAHF (both variants) and the ResNet baseline -> evaluate them, the untrained model and
-the centre prior on the test split (the paper's Tables 1-4) -> `rahf efficacy` at a reduced size with the trained
-multi-head RAHF: best-of-N + LoRA fine-tuning, repair and guidance of the shipped synthetic-world generator, judged
-beside their controls. Everything lands in `OUT/report.md` with pictures, `OUT/models/<name>/`,
-`OUT/eval/<name>/metrics.json` and `OUT/efficacy/efficacy.json`.
-"""
+the centre prior on the test split (the paper's Tables 1-4); concurrently, `rahf efficacy` at a reduced size with the
+shipped RAHF, generator and judge of the synthetic world: best-of-N + LoRA fine-tuning, repair and guidance, judged
+beside their controls, and reward backprop and policy gradient (scalar and heatmap-weighted) at best-of-N's budget.
+Everything lands in `OUT/report.md` with pictures, `OUT/models/<name>/`, `OUT/eval/<name>/metrics.json` and
+`OUT/efficacy/efficacy.json"""
 
 from __future__ import annotations
 
@@ -30,21 +30,26 @@ class DemoBudget:
     """How much of everything the demo does; `FULL` is `make demo`, `QUICK` the smoke test."""
 
     num_train: int = 8000
-    num_validation: int = 500
+    num_validation: int = 250
     num_test: int = 500
     # optimizer steps per trained model, at train_batch_size
     steps: dict[str, int] = field(
-        default_factory=lambda: {"rahf_multi_head": 5000, "rahf_augmented_prompt": 3000, "resnet50": 600}
+        default_factory=lambda: {"rahf_multi_head": 2000, "rahf_augmented_prompt": 1000, "resnet50": 600}
     )
     train_batch_size: int = 16
     # augmented-prompt variant: task rows trained per image and step (None: all 7)
     tasks_per_image: int | None = 3
     validation_steps: int = 1000
-    # `rahf efficacy` at a reduced size, with the shipped generator and judge and the RAHF trained above
+    # `rahf efficacy` at a reduced size with the shipped generator, judge and RAHF: the paper's three experiments and
+    # the reward fine-tuning methods against best-of-N at its budget of generator forward passes
     efficacy: dict[str, Any] = field(
         default_factory=lambda: {
-            "num_prompts": 24, "seeds_per_prompt": 1, "num_selection_prompts": 32, "num_images_per_prompt": 8,
-            "finetune_steps": 100, "repair_images": 8, "guidance_prompts": 8, "reward_guidance_scales": [2.0],
+            "num_prompts": 24, "seeds_per_prompt": 1, "num_inference_steps": 10, "num_selection_prompts": 16,
+            "num_images_per_prompt": 8, "finetune_steps": 40, "lora_learning_rate": 1e-3, "repair_images": 8,
+            "guidance_prompts": 8, "reward_guidance_scales": [2.0], "backprop_learning_rate": 1e-3,
+            "pg_learning_rate": 1e-3, "pg_batch_size": 2,
+            "experiments": ["best_of_n", "repair", "guidance", "reward_backprop", "policy_gradient",
+                            "policy_gradient_dense"],
         }
     )  # fmt: skip
 
@@ -69,6 +74,17 @@ QUICK = DemoBudget(
         "reward_guidance_scales": [1.0],
         "num_inference_steps": 3,
         "finetune_batch_size": 2,
+        "backprop_batch_size": 2,
+        "pg_group_size": 2,
+        "pg_batch_size": 1,
+        "experiments": [
+            "best_of_n",
+            "repair",
+            "guidance",
+            "reward_backprop",
+            "policy_gradient",
+            "policy_gradient_dense",
+        ],
     },  # fmt: skip
 )
 
@@ -152,16 +168,34 @@ def _last_step(log_file: Path) -> int:
     return step
 
 
-def _train_all(
-    names: list[str], data_dir: Path, out: Path, budget: DemoBudget
-) -> tuple[dict[str, Path], dict[str, float]]:
-    """Trains the demo's models as separate `python -m rahf.train` processes, as many at once as there are CPU cores.
+def _count_lines(log_file: Path, marker: str) -> int:
+    try:
+        return log_file.read_text(encoding="utf-8", errors="replace").count(marker)
+    except OSError:
+        return 0
 
-    These models are so small that one process cannot keep two cores busy (Python overhead, not arithmetic, bounds a
-    step): on this project's 2-core machine two one-thread processes finished 300 steps of each RAHF variant 1.33x
-    sooner than the same jobs one after another with two threads each (`python benchmarks/concurrent_training.py`). Each
-    run's output goes to `OUT/runs/<name>/train.log`; one progress bar per model follows its `train_log.jsonl`.
-    Returns the models' folders and each run's wall-clock seconds.
+
+@dataclass
+class _Job:
+    """One demo step run as its own process: its command, where it writes, how far it is (for its progress bar)."""
+
+    name: str
+    argv: list[str]  # after `python -m`
+    run_dir: Path
+    total: int
+    progress: Any  # () -> int, the bar's position
+    log_name: str = "job.log"  # the process's output, in run_dir
+    done: Any = None  # () -> None, called when the process exits 0
+
+
+def _run_jobs(jobs: list[_Job], start_after: dict[str, Any] | None = None) -> dict[str, float]:
+    """Runs `jobs` as separate processes, all at once with one thread each, and returns each one's wall-clock seconds.
+
+    The demo's models are so small that one process cannot keep two cores busy (Python overhead, not arithmetic,
+    bounds a step): on this project's 2-core machine two one-thread processes finished 300 steps of each RAHF variant
+    1.33x sooner than the same jobs one after another with two threads each (`python benchmarks/concurrent_training.py`).
+    A job named in `start_after` starts once that callable has returned (the training jobs wait for the data, which
+    the efficacy job does not need). Each job's output goes to `<run_dir>/<log_name>`; one progress bar per job.
     """
     import os
     import subprocess
@@ -169,55 +203,50 @@ def _train_all(
 
     from tqdm.auto import tqdm
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(len(names), cores))
-    threads = max(1, cores // workers)
     env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TQDM_MININTERVAL="30",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    pending = list(names)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_MININTERVAL="30", TOKENIZERS_PARALLELISM="false")
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
-    bars = {
-        name: tqdm(total=budget.steps[name], desc=f"train {name}", unit="step", position=i, leave=True)
-        for i, name in enumerate(names)
-    }
-    model_dirs: dict[str, Path] = {}
+    bars = {job.name: tqdm(total=job.total, desc=job.name, position=i, leave=True) for i, job in enumerate(jobs)}
     seconds: dict[str, float] = {}
+
+    def launch(job: _Job) -> None:
+        if job.run_dir.exists():
+            shutil.rmtree(job.run_dir)
+        job.run_dir.mkdir(parents=True)
+        log_path = job.run_dir / job.log_name
+        cmd = [sys.executable, "-m", *job.argv]
+        logger.info("demo: %s (1 thread), output in %s", " ".join(cmd), log_path)
+        log = log_path.open("w", encoding="utf-8")
+        running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                             time.perf_counter())  # fmt: skip
+
+    by_name = {job.name: job for job in jobs}
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                name = pending.pop(0)
-                run_dir = out / "runs" / name
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)
-                run_dir.mkdir(parents=True)
-                log = (run_dir / "train.log").open("w", encoding="utf-8")
-                cmd = [sys.executable, "-m", "rahf.train", *_train_argv(name, data_dir, out, budget)]
-                logger.info("demo: %s (%d thread(s)), output in %s", " ".join(cmd), threads, run_dir / "train.log")
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-                running[name] = (proc, log, time.perf_counter())
+        waiting = [job for job in jobs if job.name in (start_after or {})]
+        for job in jobs:
+            if job not in waiting:
+                launch(job)
+        for ready in dict.fromkeys((start_after or {}).values()):  # each prerequisite once, in order
+            ready()
+            for job in [j for j in waiting if start_after[j.name] is ready]:
+                launch(job)
+        while running:
             time.sleep(0.5)
             for name, (proc, log, started) in list(running.items()):
-                bar = bars[name]
-                bar.update(_last_step(out / "runs" / name / "logs" / "train_log.jsonl") - bar.n)
+                job = by_name[name]
+                bars[name].update(min(job.total, job.progress()) - bars[name].n)
                 code = proc.poll()
                 if code is None:
                     continue
                 log.close()
                 del running[name]
                 if code != 0:
-                    tail = (out / "runs" / name / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-                    raise RuntimeError(f"training {name} failed (exit code {code}); the end of its log:\n{tail}")
+                    tail = (job.run_dir / job.log_name).read_text(encoding="utf-8", errors="replace")[-3000:]
+                    raise RuntimeError(f"demo step {name} failed (exit code {code}); the end of its log:\n{tail}")
                 seconds[name] = time.perf_counter() - started
-                model_dir = out / "models" / name
-                if model_dir.exists():
-                    shutil.rmtree(model_dir)
-                shutil.copytree(out / "runs" / name / "final", model_dir)
-                model_dirs[name] = model_dir
+                bars[name].update(job.total - bars[name].n)
+                if job.done is not None:
+                    job.done()
     finally:
         for proc, log, _ in running.values():
             proc.kill()
@@ -225,7 +254,29 @@ def _train_all(
             log.close()
         for bar in bars.values():
             bar.close()
-    return model_dirs, seconds
+    return seconds
+
+
+def _training_job(name: str, data_dir: Path, out: Path, budget: DemoBudget, model_dirs: dict[str, Path]) -> _Job:
+    run_dir = out / "runs" / name
+
+    def done() -> None:
+        model_dir = out / "models" / name
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(run_dir / "final", model_dir)
+        model_dirs[name] = model_dir
+
+    return _Job(name=f"train {name}", argv=["rahf.train", *_train_argv(name, data_dir, out, budget)],
+                run_dir=run_dir, total=budget.steps[name], log_name="train.log",
+                progress=lambda: _last_step(run_dir / "logs" / "train_log.jsonl"), done=done)  # fmt: skip
+
+
+def _efficacy_argv(out: Path, budget: DemoBudget) -> list[str]:
+    argv = ["rahf.improve.efficacy", "--out", str(out / "efficacy")]
+    for key, value in budget.efficacy.items():
+        argv += [f"--{key}", *(str(v) for v in value)] if isinstance(value, list) else [f"--{key}", str(value)]
+    return argv
 
 
 def _keyword_decoding(model_dirs: dict[str, Path], test) -> dict[str, dict[str, Any]]:
@@ -270,10 +321,8 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
+    started = time.perf_counter()
     torch.manual_seed(0)
-
-    with timer("synthetic data"):
-        data_dir, data = _data(out, budget)
 
     model_dirs: dict[str, Path] = {}
     with timer("untrained RAHF"):
@@ -281,9 +330,22 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
             str(preset_path("model/tiny.json")), str(out / "models" / "rahf_untrained")
         )
     trained = ["rahf_multi_head", "rahf_augmented_prompt", "resnet50"]
-    with timer("train " + " + ".join(trained) + " (concurrently)"):
-        dirs, train_seconds = _train_all(trained, data_dir, out, budget)
-        model_dirs.update(dirs)
+    efficacy_dir = out / "efficacy"
+    efficacy = _Job(name="efficacy", argv=_efficacy_argv(out, budget), run_dir=efficacy_dir,
+                    total=len(budget.efficacy["experiments"]), log_name="efficacy.log",
+                    progress=lambda: _count_lines(efficacy_dir / "efficacy.log", " done in "))  # fmt: skip
+    data_ready: dict[str, Any] = {}
+
+    def make_data() -> None:
+        with timer("(within it) synthetic data, while the efficacy run starts"):
+            data_ready["data"] = _data(out, budget)[1]
+
+    # `_data` writes into OUT/data, which the training commands name before it exists; they start once it does.
+    training = [_training_job(name, out / "data", out, budget, model_dirs) for name in trained]
+    with timer("train " + " + ".join(trained) + ", and rahf efficacy (concurrently)"):
+        job_seconds = _run_jobs([efficacy, *training], start_after={job.name: make_data for job in training})
+    data = data_ready["data"]
+    train_seconds = {name.removeprefix("train "): sec for name, sec in job_seconds.items()}
 
     metrics: dict[str, dict] = {}
     with timer("evaluate"):
@@ -301,11 +363,7 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     with timer("predict on the example image"):
         predict_to_folder(str(model_dirs["rahf_multi_head"]), [str(EXAMPLE_IMAGE)], [EXAMPLE_PROMPT], out / "predict")
 
-    sections: list[str] = []
-    best = model_dirs["rahf_multi_head"]
-
-    with timer("efficacy: best-of-N + fine-tuning, repair, guidance (judged)"):
-        sections.append(_efficacy_section(best, out, budget))
+    sections = [_efficacy_section(out)]
 
     notes = [
         f"Synthetic set: {budget.num_train} / {budget.num_validation} / {budget.num_test} images (train / validation "
@@ -356,11 +414,11 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     )
     timing = ["## Time", "", "| step | seconds |", "|---|---|"]
     timing += [f"| {name} | {seconds:.1f} |" for name, seconds in timer.sections.items()]
-    timing += [f"| **total** | **{sum(timer.sections.values()):.1f}** |", ""]
+    total = time.perf_counter() - started
+    timing += [f"| **total** (wall clock) | **{total:.1f}** |", ""]
     timing += [
-        "Training runs, each in its own process, concurrently (wall-clock seconds of each): "
-        + ", ".join(f"{name} {sec:.1f}" for name, sec in train_seconds.items())
-        + ".",
+        "Training runs and the efficacy run, each in its own process with one thread, concurrently (wall-clock "
+        "seconds of each): " + ", ".join(f"{name} {sec:.1f}" for name, sec in train_seconds.items()) + ".",
         "",
     ]
     with report.open("a", encoding="utf-8") as f:
@@ -378,15 +436,12 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
             default=str,
         )
     )
-    logger.info("demo written to %s (%.0f s)", report, sum(timer.sections.values()))
+    logger.info("demo written to %s (%.0f s)", report, total)
     return report
 
 
-def _efficacy_section(model_dir: Path, out: Path, budget: DemoBudget) -> str:
-    """`rahf efficacy` at the demo's size, with the RAHF trained above as the reward; its report, re-rooted."""
-    from .efficacy import EfficacyArguments, run_efficacy
-
-    run_efficacy(EfficacyArguments(out=str(out / "efficacy"), reward_model=str(model_dir), **budget.efficacy))
+def _efficacy_section(out: Path) -> str:
+    """The report of the demo's `rahf efficacy` run (`OUT/efficacy`), re-rooted under the demo's report."""
     text = (out / "efficacy" / "report.md").read_text(encoding="utf-8")
     text = text.replace("](", "](efficacy/").replace(
         "# rahf efficacy", "## Does RAHF make a generator better? (rahf efficacy"
@@ -395,9 +450,14 @@ def _efficacy_section(model_dir: Path, out: Path, budget: DemoBudget) -> str:
     lines[0] = lines[0] + ")"
     intro = [
         "",
-        "The loops use the trained multi-head RAHF above to improve the shipped tiny generator of the synthetic world; "
-        "whether they did is rated by the judge (trained on its own scenes, never a reward) on held-out prompts, beside "
-        "a control without RAHF's information. A reduced run; `rahf efficacy` runs the full size (README, 'Does it work?').",
+        "The loops use the shipped RAHF of the synthetic world (`rahf/improve/weights/rahf_synth_tiny`: the tiny "
+        "multi-head model above trained by `rahf train --config configs/train/synth_tiny.yaml` for its full 5000 steps; "
+        "the demo's own is trained for fewer, to fit its time, and concurrently with this run) to improve the shipped "
+        "tiny generator; whether they did is rated by the judge (trained on its own scenes, never a reward) on "
+        "held-out prompts, beside a control without RAHF's information. Best-of-N + LoRA and the reward fine-tuning "
+        "methods (reward backprop, scalar and heatmap-weighted policy gradient) spend the same number of generator "
+        "forward passes. A reduced run, so its shares move by a prompt or two from seed to seed; `rahf efficacy` runs "
+        "the full size (README, 'Does it work?').",
     ]
     return "\n".join([lines[0], *intro, *[line.replace("## ", "### ", 1) if line.startswith("## ") else line
                                            for line in lines[1:]]])  # fmt: skip

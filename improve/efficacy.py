@@ -847,6 +847,11 @@ def summarize_runs(folders: list[str | Path]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _net(buckets: dict[str, float]) -> float:
+    """Judged better minus judged worse, as a share."""
+    return buckets["much_better"] + buckets["better"] - buckets["worse"] - buckets["much_worse"]
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -888,17 +893,19 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         lines += ["## Reward fine-tuning against best-of-N, at an equal budget", "",
                   "Each judged side by side against the original generator on the same held-out prompts and seeds; "
                   "budget = generator forward passes (one denoising step of one image).", "",
-                  "| method | budget | much better | better | same | worse | much worse | judged overall | RAHF reward |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | budget | much better | better | same | worse | much worse | better - worse | judged overall "
+                  "| RAHF reward |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for m in methods:
             r = result[m]
             lines.append(f"| {m} | {r['budget']['generator_forward_passes']} | "
                          + " | ".join(_pct(r["buckets"][b]) for b in BUCKETS)
+                         + f" | {_pct(_net(r['buckets']))}"
                          + f" | {r['judged_means']['original']['overall']:.3f} -> "
                            f"{r['judged_means']['finetuned']['overall']:.3f} | "
                          + (f"{r['heldout_reward']['original']:.3f} -> {r['heldout_reward']['finetuned']:.3f} |"
                             if "heldout_reward" in r else "n/a |"))  # fmt: skip
-        lines.append("")
+        _bucket_chart([(m, result[m]["buckets"]) for m in methods], out / "methods.png")
+        lines += ["", "![the methods' buckets](methods.png)", ""]
     rep = result.get("repair")
     if rep:
         lines += ["## Repair (Fig. 9)", "",
@@ -943,14 +950,19 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
 
 
 def _table5_chart(bon: dict[str, Any], path: Path) -> None:
+    _bucket_chart([("RAHF best-of-N", bon["buckets"]), ("random keep", bon["control"]["buckets"])], path)
+
+
+def _bucket_chart(rows: list[tuple[str, dict[str, float]]], path: Path) -> None:
+    """Table 5's bars: one stacked bar of the five buckets per (label, buckets) row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.6 * len(rows)), dpi=120)
     colours = ["#1a9850", "#91cf60", "#d9d9d9", "#fc8d59", "#d73027"]
-    for row, buckets in enumerate((bon["buckets"], bon["control"]["buckets"])):
+    for row, (_, buckets) in enumerate(rows):
         left = 0.0
         for bucket, colour in zip(BUCKETS, colours):
             width = 100 * buckets[bucket]
@@ -958,11 +970,12 @@ def _table5_chart(bon: dict[str, Any], path: Path) -> None:
             if width >= 6:
                 ax.text(left + width / 2, row, f"{width:.0f}", ha="center", va="center", fontsize=8)
             left += width
-    ax.set_yticks([0, 1], ["RAHF best-of-N", "random keep"])
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of held-out prompts, judged against the original generator")
-    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5 if len(rows) < 3 else -0.25),
+              frameon=False)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -24,6 +24,7 @@ def test_quick_demo_writes_the_whole_report(installed_wheel, tmp_path):
         "Best-of-N",
         "Repair",
         "Guidance",
+        "Reward fine-tuning against best-of-N",
         "Time",
     ):
         assert heading in text, heading
@@ -37,6 +38,10 @@ def test_quick_demo_writes_the_whole_report(installed_wheel, tmp_path):
     # the sections carry numbers, not placeholders
     guidance = text[text.index("Guidance (Fig. 8)") : text.index("Against the targets")]
     assert "| 0 |" in guidance and "| 1 |" in guidance and "nan" not in guidance
+    efficacy = json.loads((tmp_path / "efficacy" / "efficacy.json").read_text())
+    for method in ("reward_backprop", "policy_gradient", "policy_gradient_dense"):
+        assert abs(sum(efficacy[method]["buckets"].values()) - 1) < 1e-6, method
+    assert "![the methods' buckets](efficacy/methods.png)" in text
     # every picture the report links to exists
     for line in text.splitlines():
         if line.startswith("![") and "](" in line:
