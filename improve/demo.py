@@ -191,8 +191,8 @@ class _Job:
 def _run_jobs(jobs: list[_Job], start_after: dict[str, Any] | None = None) -> dict[str, float]:
     """Runs `jobs` as separate processes, all at once with one thread each, and returns each one's wall-clock seconds.
 
-    The demo's models are so small that one process cannot keep two cores busy (Python overhead, not arithmetic,
-    bounds a step): on this project's 2-core machine two one-thread processes finished 300 steps of each RAHF variant
+    The demo's models are so small that one process does not keep two cores busy (each operation has too little work
+    to split between threads): on this project's 2-core machine two one-thread processes finished 300 steps of each RAHF variant
     1.33x sooner than the same jobs one after another with two threads each (`python benchmarks/concurrent_training.py`).
     A job named in `start_after` starts once that callable has returned (the training jobs wait for the data, which
     the efficacy job does not need). Each job's output goes to `<run_dir>/<log_name>`; one progress bar per job.
