@@ -188,14 +188,15 @@ class _Job:
     done: Any = None  # () -> None, called when the process exits 0
 
 
-def _run_jobs(jobs: list[_Job], start_after: dict[str, Any] | None = None) -> dict[str, float]:
+def _run_jobs(jobs: list[_Job], prepare: Any = None, then: list[_Job] | None = None) -> dict[str, float]:
     """Runs `jobs` as separate processes, all at once with one thread each, and returns each one's wall-clock seconds.
 
     The demo's models are so small that one process does not keep two cores busy (each operation has too little work
-    to split between threads): on this project's 2-core machine two one-thread processes finished 300 steps of each RAHF variant
-    1.33x sooner than the same jobs one after another with two threads each (`python benchmarks/concurrent_training.py`).
-    A job named in `start_after` starts once that callable has returned (the training jobs wait for the data, which
-    the efficacy job does not need). Each job's output goes to `<run_dir>/<log_name>`; one progress bar per job.
+    to split between threads): on this project's 2-core machine two one-thread processes finished 300 steps of each
+    RAHF variant 1.33x sooner than the same jobs one after another with two threads each
+    (`python benchmarks/concurrent_training.py`).
+    `jobs` start at once; `then` once `prepare()` has returned (the training jobs wait for the data, which the
+    efficacy job does not need). Each job's output goes to `<run_dir>/<log_name>`; one progress bar per job.
     """
     import os
     import subprocess
@@ -205,8 +206,9 @@ def _run_jobs(jobs: list[_Job], start_after: dict[str, Any] | None = None) -> di
 
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_MININTERVAL="30", TOKENIZERS_PARALLELISM="false")
-    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
-    bars = {job.name: tqdm(total=job.total, desc=job.name, position=i, leave=True) for i, job in enumerate(jobs)}
+    running: dict[str, tuple[_Job, subprocess.Popen, Any, float]] = {}
+    bars = {job.name: tqdm(total=job.total, desc=job.name, position=i, leave=True)
+            for i, job in enumerate([*jobs, *(then or [])])}  # fmt: skip
     seconds: dict[str, float] = {}
 
     def launch(job: _Job) -> None:
@@ -217,23 +219,19 @@ def _run_jobs(jobs: list[_Job], start_after: dict[str, Any] | None = None) -> di
         cmd = [sys.executable, "-m", *job.argv]
         logger.info("demo: %s (1 thread), output in %s", " ".join(cmd), log_path)
         log = log_path.open("w", encoding="utf-8")
-        running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+        running[job.name] = (job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
                              time.perf_counter())  # fmt: skip
 
-    by_name = {job.name: job for job in jobs}
     try:
-        waiting = [job for job in jobs if job.name in (start_after or {})]
         for job in jobs:
-            if job not in waiting:
-                launch(job)
-        for ready in dict.fromkeys((start_after or {}).values()):  # each prerequisite once, in order
-            ready()
-            for job in [j for j in waiting if start_after[j.name] is ready]:
-                launch(job)
+            launch(job)
+        if prepare is not None:
+            prepare()
+        for job in then or []:
+            launch(job)
         while running:
             time.sleep(0.5)
-            for name, (proc, log, started) in list(running.items()):
-                job = by_name[name]
+            for name, (job, proc, log, started) in list(running.items()):
                 bars[name].update(min(job.total, job.progress()) - bars[name].n)
                 code = proc.poll()
                 if code is None:
@@ -248,7 +246,7 @@ def _run_jobs(jobs: list[_Job], start_after: dict[str, Any] | None = None) -> di
                 if job.done is not None:
                     job.done()
     finally:
-        for proc, log, _ in running.values():
+        for _, proc, log, _ in running.values():
             proc.kill()
             proc.wait()
             log.close()
@@ -343,7 +341,7 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     # `_data` writes into OUT/data, which the training commands name before it exists; they start once it does.
     training = [_training_job(name, out / "data", out, budget, model_dirs) for name in trained]
     with timer("train " + " + ".join(trained) + ", and rahf efficacy (concurrently)"):
-        job_seconds = _run_jobs([efficacy, *training], start_after={job.name: make_data for job in training})
+        job_seconds = _run_jobs([efficacy], prepare=make_data, then=training)
     data = data_ready["data"]
     train_seconds = {name.removeprefix("train "): sec for name, sec in job_seconds.items()}
 
