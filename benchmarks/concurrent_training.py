@@ -3,8 +3,8 @@
     python benchmarks/concurrent_training.py [--steps 300] [--data DIR] [--repeats 1]
 
 `rahf demo` trains its models (and runs `rahf efficacy`) as separate processes, all at once, one thread each. This
-script times two of those jobs (the tiny multi-head and augmented-prompt
-RAHF, `--steps` steps each at batch 16, no validation or checkpoints) both ways, alternating the order per repeat:
+script times two of those jobs (the tiny multi-head and augmented-prompt RAHF, `--steps` steps each at batch 16, no
+validation or checkpoints) both ways, alternating the order per repeat:
 
 - sequential: one job after the other, each with all the cores' threads;
 - concurrent: all jobs at once, the threads split between them.
